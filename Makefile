@@ -1,0 +1,29 @@
+# `make repro` and `make test` set everything up on a fresh machine: a virtual environment with the pinned
+# dependencies, then the pipeline or the tests. Without internet, point VAELAB_MNIST_MIRROR at a folder or
+# URL with the four MNIST files; a ../shared/mnist folder beside the clone is used when present.
+VENV := .venv
+BIN := $(VENV)/bin
+export VAELAB_MNIST_MIRROR ?= $(abspath $(wildcard ../shared/mnist))
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup repro test ui clean-venv
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+repro: setup
+	dvc repro
+
+test: setup
+	pytest -v
+
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,89 @@
+"""The one schema for `params.yaml`: every stage validates the whole file before doing any work."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MNIST_TRAIN_SIZE = 60_000
+
+
+class ParamsError(ValueError):
+    """A bad value in params.yaml; the message names the key, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Params:
+    """The experiment's settings; defaults are the seed's, except `epochs` (see README)."""
+
+    latent_dim: int = 2
+    dropout: float = 0.3
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    batch_size: int = 500
+    epochs: int = 100
+    seed: int = 0
+    device: str = "auto"
+    val_size: int = 5000
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# key -> (type, check, what is allowed). bool is rejected for numbers: yaml `yes` is not a latent size.
+_RULES: dict[str, tuple[type, Any, str]] = {
+    "latent_dim": (int, lambda v: 1 <= v <= 1024, "an integer from 1 to 1024"),
+    "dropout": (float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "optimizer": (str, lambda v: v in ("adam", "rmsprop"), "one of: adam, rmsprop"),
+    "lr": (float, lambda v: 0.0 < v <= 10.0, "a number in (0, 10]"),
+    "batch_size": (int, lambda v: v >= 1, "a positive integer, at most the training set size"),
+    "epochs": (int, lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),
+    "seed": (int, lambda v: 0 <= v < 2**63, "a non-negative integer"),
+    "device": (str, lambda v: v in ("auto", "cpu", "cuda"), "one of: auto, cpu, cuda"),
+    "val_size": (int, lambda v: 1 <= v <= MNIST_TRAIN_SIZE // 2, f"an integer from 1 to {MNIST_TRAIN_SIZE // 2}"),
+}
+
+
+def _check(key: str, value: Any) -> Any:
+    kind, ok, allowed = _RULES[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, kind) or (kind is float and not math.isfinite(value)):
+        raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected {allowed}")
+    if not ok(value):
+        raise ParamsError(f"params.yaml: {key}: {value!r} is out of range; expected {allowed}")
+    return value
+
+
+def validate(raw: Any) -> Params:
+    """Check every key and value; raise ParamsError on the first problem."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params.yaml must be a mapping of keys to values, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_RULES))
+    if unknown:
+        raise ParamsError(f"params.yaml: unknown key {unknown[0]!r}; allowed keys: {', '.join(_RULES)}")
+    values = {key: _check(key, value) for key, value in raw.items()}
+    params = Params(**values)
+    train_size = MNIST_TRAIN_SIZE - params.val_size
+    if params.batch_size > train_size:
+        raise ParamsError(
+            f"params.yaml: batch_size: {params.batch_size} is larger than the training set "
+            f"({train_size} images = {MNIST_TRAIN_SIZE} - val_size {params.val_size})"
+        )
+    return params
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; a missing key takes its default."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run the stages from the repository root") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return validate(raw if raw is not None else {})

@@ -1,0 +1,138 @@
+"""The seed's VAE (Keras 2 tutorial, part 3) in PyTorch, and its objective.
+
+Faithful to Keras 2's defaults where they differ from PyTorch's: Glorot-uniform weights and zero biases,
+BatchNorm with momentum 0.99 (PyTorch: 0.01) and epsilon 1e-3, LeakyReLU slope 0.3.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGE_PIXELS = 28 * 28
+SEED_LOSS_SCALE = 2 * IMAGE_PIXELS  # the seed divides the per-image negative ELBO by 2 * 28 * 28
+KERAS_BN = dict(eps=1e-3, momentum=0.01)
+KERAS_LEAKY_SLOPE = 0.3
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    latent_dim: int = 2
+    dropout: float = 0.3
+
+
+def _dense(n_in: int, n_out: int) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out)
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _bn_dropout(width: int, dropout: float) -> list[nn.Module]:
+    return [nn.BatchNorm1d(width, **KERAS_BN), nn.Dropout(dropout)]
+
+
+class Encoder(nn.Module):
+    """784 -> 256 ReLU -> BN -> Dropout -> 128 ReLU -> BN -> Dropout -> (mean, log-variance)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.body = nn.Sequential(
+            _dense(IMAGE_PIXELS, 256), nn.ReLU(), *_bn_dropout(256, config.dropout),
+            _dense(256, 128), nn.ReLU(), *_bn_dropout(128, config.dropout),
+        )
+        self.mean = _dense(128, config.latent_dim)
+        self.log_var = _dense(128, config.latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.mean(h), self.log_var(h)
+
+
+class Decoder(nn.Module):
+    """latent -> 128 LeakyReLU -> BN -> Dropout -> 256 LeakyReLU -> BN -> Dropout -> 784 logits."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.net = nn.Sequential(
+            _dense(config.latent_dim, 128), nn.LeakyReLU(KERAS_LEAKY_SLOPE), *_bn_dropout(128, config.dropout),
+            _dense(128, 256), nn.LeakyReLU(KERAS_LEAKY_SLOPE), *_bn_dropout(256, config.dropout),
+            _dense(256, IMAGE_PIXELS),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Bernoulli logits per pixel; `torch.sigmoid` of them is the seed's sigmoid output."""
+        return self.net(z)
+
+
+class VAE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (n, 784) in [0, 1] -> (decoder logits, mean, log-variance), one z sample per image."""
+        mean, log_var = self.encoder(x)
+        z = reparameterize(mean, log_var)
+        return self.decoder(z), mean, log_var
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent vectors (n, latent_dim) -> pixel intensities (n, 28, 28) in [0, 1]."""
+        return torch.sigmoid(self.decoder(z)).reshape(-1, 28, 28)
+
+
+def reparameterize(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """z = mean + exp(log_var / 2) * eps, eps ~ N(0, I): a sample that gradients flow through."""
+    return mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
+
+
+def kl_to_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """KL[N(mean, exp(log_var)) || N(0, I)] per image, in nats (closed form)."""
+    return -0.5 * torch.sum(1 + log_var - mean.square() - log_var.exp(), dim=-1)
+
+
+def reconstruction_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) per image in nats: the seed's 784 * mean binary cross-entropy, from logits for stability."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=-1)
+
+
+def negative_elbo(logits, x, mean, log_var) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(negative ELBO, reconstruction, KL) per image in nats; the seed's loss is the first / 1568."""
+    reconstruction = reconstruction_nll(logits, x)
+    kl = kl_to_standard_normal(mean, log_var)
+    return reconstruction + kl, reconstruction, kl
+
+
+def manifold_grid(size: int = 15) -> torch.Tensor:
+    """The seed's grid: norm.ppf(linspace(0.05, 0.95, size)) on each axis."""
+    return torch.special.ndtri(torch.linspace(0.05, 0.95, size, dtype=torch.float64)).float()
+
+
+def manifold_latents(latent_dim: int, size: int = 15) -> torch.Tensor:
+    """(size*size, latent_dim) latents: row i varies the second dimension, column j the first; others 0."""
+    grid = manifold_grid(size)
+    z = torch.zeros(size * size, latent_dim)
+    z[:, 0] = grid.repeat(size)
+    if latent_dim > 1:
+        z[:, 1] = grid.repeat_interleave(size)
+    return z
+
+
+
+def save_vae(model: VAE, path) -> None:
+    """Weights and their config in one file that `torch.load(..., weights_only=True)` reads."""
+    config = {"latent_dim": model.config.latent_dim, "dropout": model.config.dropout}
+    torch.save({"config": config, "state_dict": model.state_dict()}, path)
+
+
+def load_vae(path) -> VAE:
+    """A saved VAE in eval mode, loaded weights-only (no pickled code runs)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = VAE(ModelConfig(**saved["config"]))
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()

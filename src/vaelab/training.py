@@ -1,0 +1,177 @@
+"""The training loop: in-memory tensors, the seed's objective, per-epoch history and animation snapshots.
+
+Importable with torch alone (no MLflow, no DVC): the caller observes progress through `on_epoch`.
+"""
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from vaelab.config import Params, ParamsError
+from vaelab.model import SEED_LOSS_SCALE, VAE, ModelConfig, manifold_latents, negative_elbo
+
+MANIFOLD_SIZE = 15
+SNAPSHOT_IMAGES = 5000  # the first test images, whose latent means animate the scatter
+KERAS_EPSILON = 1e-7  # Keras 2's optimizer epsilon (PyTorch's default is 1e-8)
+
+
+@dataclass
+class Snapshots:
+    """What the animations are drawn from, one entry per snapshot epoch."""
+
+    epochs: list[int] = field(default_factory=list)
+    manifolds: list[torch.Tensor] = field(default_factory=list)  # uint8 (15*28, 15*28)
+    latent_means: list[torch.Tensor] = field(default_factory=list)  # float32 (SNAPSHOT_IMAGES, latent_dim)
+
+    def to_dict(self, labels: torch.Tensor) -> dict:
+        return {
+            "epochs": torch.tensor(self.epochs),
+            "manifolds": torch.stack(self.manifolds),
+            "latent_means": torch.stack(self.latent_means),
+            "labels": labels,
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("params.yaml: device: 'cuda' was asked for, but PyTorch sees no CUDA GPU; use auto or cpu")
+    return torch.device(name)
+
+
+def snapshot_epochs(epochs: int) -> list[int]:
+    """The seed's schedule, scaled to `epochs`: epochs 1-10, then int(i ** 1.701) for i < 59, and the last.
+
+    For 1000 epochs this is the seed's set (counting epochs from 1): dense early, sparse late, about 60 frames.
+    """
+    scale = epochs / 1000
+    chosen = {int(i**1.701 * scale) + 1 for i in range(59)} | set(range(1, 11)) | {epochs}
+    return sorted(e for e in chosen if e <= epochs)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
+    """Adam or RMSprop with Keras 2's defaults (RMSprop rho 0.9, epsilon 1e-7)."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, eps=KERAS_EPSILON)
+    return torch.optim.RMSprop(parameters, lr=lr, alpha=0.9, eps=KERAS_EPSILON)
+
+
+def manifold_image(model: VAE, size: int = MANIFOLD_SIZE) -> torch.Tensor:
+    """The decoded size x size grid as one uint8 image, tiles placed as the seed's draw_manifold does."""
+    device = next(model.parameters()).device
+    digits = model.decode(manifold_latents(model.config.latent_dim, size).to(device))
+    tiles = digits.reshape(size, size, 28, 28).permute(0, 2, 1, 3).reshape(size * 28, size * 28)
+    return (tiles * 255).round().to(torch.uint8).cpu()
+
+
+@torch.no_grad()
+def encode_means(model: VAE, images: torch.Tensor, batch_size: int = 5000) -> torch.Tensor:
+    """Latent means of float images (n, 784), in eval mode by the caller."""
+    return torch.cat([model.encoder(images[i : i + batch_size])[0] for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def evaluate_loss(model: VAE, images: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Mean negative ELBO, reconstruction and KL in nats per image, one z sample each (as Keras's val_loss)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, device=images.device)
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        totals += torch.stack([term.sum() for term in elbo_terms(model, x)])
+    model.train(was_training)
+    return _summary(totals / len(images))
+
+
+def elbo_terms(model: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(negative ELBO, reconstruction, KL) per image, with one reparameterised z sample."""
+    logits, mean, log_var = model(x)
+    return negative_elbo(logits, x, mean, log_var)
+
+
+def _summary(means: torch.Tensor) -> dict[str, float]:
+    neg_elbo, reconstruction, kl = means.tolist()
+    return {"loss": neg_elbo / SEED_LOSS_SCALE, "neg_elbo": neg_elbo, "reconstruction": reconstruction, "kl": kl}
+
+
+@dataclass
+class TrainResult:
+    model: VAE
+    history: list[dict[str, float]]
+    snapshots: Snapshots
+
+
+def train(
+    params: Params,
+    train_images: torch.Tensor,
+    val_images: torch.Tensor,
+    snapshot_images: torch.Tensor,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train the seed's VAE on float images (n, 784); returns the model, per-epoch history and snapshots.
+
+    Each history row holds the epoch and, for `train_` and `val_`: the seed's scaled `loss` and the
+    negative ELBO, reconstruction and KL terms in nats per image.
+    """
+    device = resolve_device(params.device)
+    seed_everything(params.seed)
+    model = VAE(ModelConfig(params.latent_dim, params.dropout)).to(device)
+    optimizer = make_optimizer(params.optimizer, model.parameters(), params.lr)
+    train_images, val_images, snapshot_images = (t.to(device) for t in (train_images, val_images, snapshot_images))
+    shuffle = torch.Generator().manual_seed(params.seed)
+    n = len(train_images)
+    snapshot_at = set(snapshot_epochs(params.epochs))
+    history, snapshots = [], Snapshots()
+
+    for epoch in range(1, params.epochs + 1):
+        model.train()
+        order = torch.randperm(n, generator=shuffle).to(device)
+        totals, seen = torch.zeros(3, device=device), 0
+        for start in range(0, n, params.batch_size):
+            index = order[start : start + params.batch_size]
+            if len(index) < 2:  # BatchNorm cannot normalise a batch of one; Keras would fail too
+                continue
+            x = train_images[index]
+            neg_elbo, reconstruction, kl = elbo_terms(model, x)
+            loss = neg_elbo.mean() / SEED_LOSS_SCALE
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            totals += torch.stack([neg_elbo.sum(), reconstruction.sum(), kl.sum()]).detach()
+            seen += len(index)
+        row = {"epoch": epoch}
+        row.update({f"train_{k}": v for k, v in _summary(totals / seen).items()})
+        row.update({f"val_{k}": v for k, v in evaluate_loss(model, val_images, params.batch_size).items()})
+        history.append(row)
+        if epoch in snapshot_at:
+            model.eval()
+            snapshots.epochs.append(epoch)
+            snapshots.manifolds.append(manifold_image(model))
+            snapshots.latent_means.append(encode_means(model, snapshot_images).float().cpu())
+        if on_epoch is not None:
+            on_epoch(row)
+    model.eval()
+    return TrainResult(model.cpu(), history, snapshots)
+
+
+def save_history(history: list[dict[str, float]], path) -> None:
+    """One row per epoch, for `dvc plots` and the learning-curve figure."""
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def load_history(path) -> list[dict[str, float]]:
+    with open(path, newline="") as file:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(file)]

@@ -1,0 +1,22 @@
+"""Shared fixtures: the real MNIST files (../shared/mnist beside the clone, or $VAELAB_MNIST_MIRROR)."""
+import os
+from pathlib import Path
+
+import pytest
+
+from vaelab import data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    folder = Path(os.environ.get(data.MIRROR_ENV) or REPO.parent / "shared" / "mnist")
+    if not all((folder / name).exists() for name in data.FILES):
+        pytest.fail(f"the four MNIST files are needed in {folder} (or set {data.MIRROR_ENV})")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir) -> dict[str, data.Split]:
+    return data.read_mnist({name: mnist_dir / name for name in data.FILES})

@@ -1,0 +1,63 @@
+"""The one schema for params.yaml: defaults, and a clear message for every bad value."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vaelab.config import Params, ParamsError, load, validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_are_the_seeds_settings():
+    params = load(REPO / "params.yaml")
+    assert (params.latent_dim, params.dropout, params.optimizer, params.lr, params.batch_size) == (
+        2, 0.3, "adam", 1e-4, 500)
+    assert params.device == "auto"
+
+
+def test_missing_keys_take_defaults_and_ints_are_accepted_as_floats():
+    assert validate({}) == Params()
+    assert validate({"dropout": 0, "lr": 1}).dropout == 0.0
+
+
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        ({"latent_size": 2}, ["unknown key 'latent_size'", "latent_dim"]),
+        ({"latent_dim": "two"}, ["latent_dim", "'two'", "an integer from 1"]),
+        ({"latent_dim": 2.5}, ["latent_dim", "2.5"]),
+        ({"latent_dim": True}, ["latent_dim", "True"]),
+        ({"latent_dim": 0}, ["latent_dim", "0", "out of range", "from 1 to 1024"]),
+        ({"dropout": 1}, ["dropout", "1.0", "[0, 1)"]),
+        ({"dropout": -0.1}, ["dropout", "-0.1"]),
+        ({"optimizer": "sgd"}, ["optimizer", "'sgd'", "adam, rmsprop"]),
+        ({"lr": -0.001}, ["lr", "-0.001"]),
+        ({"lr": float("nan")}, ["lr", "nan"]),
+        ({"batch_size": 0}, ["batch_size", "0"]),
+        ({"batch_size": 60000}, ["batch_size", "60000", "larger than the training set", "55000"]),
+        ({"epochs": 0}, ["epochs", "0", "from 1"]),
+        ({"device": "tpu"}, ["device", "'tpu'", "auto, cpu, cuda"]),
+        ({"val_size": 0}, ["val_size", "0"]),
+        ([1, 2], ["mapping"]),
+    ],
+)
+def test_bad_values_are_named_with_what_is_allowed(raw, words):
+    with pytest.raises(ParamsError) as error:
+        validate(raw)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_a_stage_with_bad_params_exits_non_zero_and_writes_nothing(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**Params().to_dict(), "dropout": 1}))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "pipeline" / "train.py"), "data", "models", "reports/history.csv"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "dropout: 1.0 is out of range; expected a number in [0, 1)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no outputs, no mlflow.db

@@ -1,0 +1,80 @@
+"""The seed's model and objective."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+
+from vaelab.model import (
+    SEED_LOSS_SCALE, VAE, ModelConfig, kl_to_standard_normal, load_vae, manifold_grid, manifold_latents,
+    negative_elbo, save_vae,
+)
+
+
+def _random_terms(n=64, latent_dim=5):
+    torch.manual_seed(1)
+    x = torch.rand(n, 784)
+    logits = torch.randn(n, 784) * 3
+    mean, log_var = torch.randn(n, latent_dim), torch.randn(n, latent_dim)
+    return logits, x, mean, log_var
+
+
+def test_kl_matches_torch_distributions():
+    _, _, mean, log_var = _random_terms()
+    expected = kl_divergence(Normal(mean, (0.5 * log_var).exp()), Normal(0.0, 1.0)).sum(-1)
+    torch.testing.assert_close(kl_to_standard_normal(mean, log_var), expected)
+
+
+def test_reconstruction_plus_kl_is_negative_elbo():
+    neg_elbo, reconstruction, kl = negative_elbo(*_random_terms())
+    torch.testing.assert_close(reconstruction + kl, neg_elbo)
+    assert (kl >= 0).all() and (reconstruction > 0).all()
+
+
+def test_seed_scaled_loss_is_negative_elbo_over_1568():
+    """The seed's Keras loss: (784 * mean BCE(x, sigmoid output) + KL) / 2 / 784, per image."""
+    logits, x, mean, log_var = _random_terms()
+    bce = F.binary_cross_entropy(torch.sigmoid(logits), x, reduction="none").mean(-1)
+    seed_loss = (784 * bce + kl_to_standard_normal(mean, log_var)) / 2 / 28 / 28
+    neg_elbo, _, _ = negative_elbo(logits, x, mean, log_var)
+    assert SEED_LOSS_SCALE == 1568
+    torch.testing.assert_close(seed_loss, neg_elbo / 1568, rtol=1e-5, atol=1e-6)
+
+
+def test_architecture_is_the_seeds():
+    model = VAE(ModelConfig(latent_dim=2, dropout=0.3))
+    linears = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears == [(784, 256), (256, 128), (128, 2), (128, 2), (2, 128), (128, 256), (256, 784)]
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert [m.num_features for m in norms] == [256, 128, 128, 256]
+    assert all(m.eps == 1e-3 and m.momentum == 0.01 for m in norms)  # Keras: momentum 0.99
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.3] * 4
+    assert [m.negative_slope for m in model.modules() if isinstance(m, nn.LeakyReLU)] == [0.3, 0.3]
+    assert sum(isinstance(m, nn.ReLU) for m in model.encoder.modules()) == 2
+    assert all((m.bias == 0).all() for m in model.modules() if isinstance(m, nn.Linear))  # Keras: zeros
+
+
+def test_decode_gives_images_in_unit_range():
+    model = VAE(ModelConfig(latent_dim=3)).eval()
+    images = model.decode(torch.randn(7, 3))
+    assert images.shape == (7, 28, 28) and images.min() >= 0 and images.max() <= 1
+
+
+def test_manifold_grid_is_the_seeds_norm_ppf():
+    grid = manifold_grid(15)
+    assert grid[0].item() == pytest.approx(-1.6448536, abs=1e-6)  # norm.ppf(0.05)
+    torch.testing.assert_close(grid, -grid.flip(0))
+    z = manifold_latents(4)
+    assert z.shape == (225, 4) and (z[:, 2:] == 0).all()
+    assert z[1, 0] > z[0, 0] and z[1, 1] == z[0, 1]  # along a row the first dimension varies
+
+
+def test_saved_model_loads_weights_only(tmp_path):
+    model = VAE(ModelConfig(latent_dim=4, dropout=0.1)).eval()
+    save_vae(model, tmp_path / "vae.pt")
+    loaded = load_vae(tmp_path / "vae.pt")
+    assert loaded.config == ModelConfig(4, 0.1) and not loaded.training
+    z = torch.randn(3, 4)
+    torch.testing.assert_close(loaded.decode(z), model.decode(z))
+    assert set(torch.load(tmp_path / "vae.pt", weights_only=True)) == {"config", "state_dict"}

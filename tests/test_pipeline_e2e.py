@@ -1,0 +1,162 @@
+"""End to end, as a user runs it: real `dvc repro`, `dvc exp run` and a queued experiment, on real MNIST,
+in a copy of this repository, with the default MLflow store (mlflow.db at the repository root)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"epochs": 3}
+pytestmark = pytest.mark.e2e
+
+
+def _copy_repository(target: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, target / name)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, mnist_dir):
+    root = tmp_path_factory.mktemp("project")
+    _copy_repository(root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump({**params, **SMALL}, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        VAELAB_MNIST_MIRROR=str(mnist_dir),
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
+    )
+
+    project = Project(root, env)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        project.run(*command)
+    return project
+
+
+class Project:
+    """A copy of the repository and the environment a user's shell would have."""
+
+    def __init__(self, root: Path, env: dict[str, str]):
+        self.root, self.env = root, env
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
+
+    def run(self, *command: str, timeout: int = 900) -> str:
+        result = subprocess.run(command, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+
+def _client(project: Project) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+
+
+def _runs(project: Project):
+    client = _client(project)
+    experiment = client.get_experiment_by_name("vaelab")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture(scope="module")
+def repro(project):
+    project.run("dvc", "repro")
+    return project
+
+
+def test_repro_writes_sane_metrics(repro):
+    metrics = json.loads((repro / "reports" / "metrics.json").read_text())
+    assert 100 < metrics["test_neg_elbo"] < 500  # nats per image after 3 epochs at lr 1e-4
+    assert metrics["test_reconstruction"] + metrics["test_kl"] == pytest.approx(metrics["test_neg_elbo"])
+    assert metrics["test_seed_loss"] == pytest.approx(metrics["test_neg_elbo"] / 1568)
+    assert 0 < metrics["test_mse_per_pixel"] < 0.25  # an early model; the default run reaches about 0.04
+    shown = repro.run("dvc", "metrics", "show", "--json")
+    assert "test_neg_elbo" in shown
+
+
+def test_repro_renders_the_seeds_pictures(repro):
+    figures = repro / "reports" / "figures"
+    assert {p.name for p in figures.iterdir()} == {
+        "reconstructions.png", "manifold.png", "manifold.gif", "latent_scatter.png", "latent_scatter.gif",
+        "learning_curves.png",
+    }
+    for gif in ("manifold.gif", "latent_scatter.gif"):
+        with Image.open(figures / gif) as image:
+            assert image.n_frames == SMALL["epochs"]  # one frame per snapshot epoch: 1, 2, 3
+    with Image.open(figures / "manifold.png") as image:
+        pixels = np.asarray(image.convert("L"), dtype=float)
+        assert pixels.std() > 20  # digits, not a blank page
+
+
+def test_repro_logs_one_complete_mlflow_run(repro):
+    runs = _runs(repro)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["latent_dim"] == "2" and run.data.params["optimizer"] == "adam"
+    assert run.data.params["epochs"] == "3" and run.data.params["dropout"] == "0.3"
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    client = _client(repro)
+    history = client.get_metric_history(run.info.run_id, "val_neg_elbo")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert run.data.metrics["test_neg_elbo"] == pytest.approx(
+        json.loads((repro / "reports" / "metrics.json").read_text())["test_neg_elbo"])
+    figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"manifold.gif", "latent_scatter.gif", "manifold.png", "learning_curves.png"} <= figures
+    assert (repro / "mlartifacts").is_dir()
+
+    mlflow.set_tracking_uri(f"sqlite:///{repro / 'mlflow.db'}")
+    decoder = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    images = decoder.predict(np.zeros((2, 2), dtype=np.float32))
+    assert images.shape == (2, 28, 28) and 0 <= images.min() and images.max() <= 1
+
+
+def test_repro_feeds_dvc_plots(repro):
+    out = repro.run("dvc", "plots", "show", "--json")
+    assert "val_neg_elbo" in out and "manifold.gif" in out
+
+
+def test_experiment_and_queued_experiment_land_in_the_same_store(repro):
+    repro.run("dvc", "exp", "run", "-S", "latent_dim=3", "--name", "wide")
+    runs = _runs(repro)
+    assert len(runs) == 2
+    assert runs[-1].data.params["latent_dim"] == "3" and runs[-1].data.tags["dvc.exp_name"] == "wide"
+    assert len(runs[-1].data.tags["dvc.exp_baseline_rev"]) == 40
+
+    repro.run("dvc", "exp", "run", "--queue", "-S", "latent_dim=4", "--name", "queued")
+    repro.run("dvc", "queue", "start")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = repro.run("dvc", "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert "Success" in status, status
+    runs = _runs(repro)
+    assert len(runs) == 3
+    queued = runs[-1]
+    assert queued.info.status == "FINISHED" and queued.data.params["latent_dim"] == "4"
+    assert queued.data.tags["dvc.exp_name"] == "queued"
+    assert "test_neg_elbo" in queued.data.metrics
+    artifacts = Path(queued.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(repro / "mlartifacts") and (artifacts / "figures" / "manifold.gif").exists()
+    shown = repro.run("dvc", "exp", "show", "--json")
+    assert "wide" in shown and "queued" in shown
