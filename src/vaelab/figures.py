@@ -20,6 +20,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _animate(fig, show, frames: int, interval_ms: int, path: Path) -> Path:
+    """Save `show(i)` for each frame as a GIF with Pillow (no ImageMagick needed)."""
+    FuncAnimation(fig, show, frames=frames, interval=interval_ms).save(
+        path, writer=PillowWriter(fps=1000 / interval_ms), dpi=60
+    )
+    plt.close(fig)
+    return path
+
+
 def reconstructions(originals: np.ndarray, decoded: np.ndarray, path: Path) -> Path:
     """Test digits (top row) over their reconstructions (bottom row), as the seed's plot_digits."""
     n = len(originals)
@@ -54,11 +63,7 @@ def manifold_animation(images: np.ndarray, epochs: list[int], path: Path) -> Pat
         ax.set_title(f"Epoch: {epochs[i]}")
         return (artist,)
 
-    FuncAnimation(fig, show, frames=len(images), interval=FRAME_MS["manifold"]).save(
-        path, writer=PillowWriter(fps=1000 / FRAME_MS["manifold"]), dpi=60
-    )
-    plt.close(fig)
-    return path
+    return _animate(fig, show, len(images), FRAME_MS["manifold"], path)
 
 
 def projection(final_means: np.ndarray) -> tuple[np.ndarray, str]:
@@ -100,11 +105,7 @@ def latent_scatter_animation(frames: np.ndarray, labels: np.ndarray, epochs: lis
         ax.set_title(f"Epoch: {epochs[i]} — {name}")
         return (artist,)
 
-    FuncAnimation(fig, show, frames=len(frames), interval=FRAME_MS["scatter"]).save(
-        path, writer=PillowWriter(fps=1000 / FRAME_MS["scatter"]), dpi=60
-    )
-    plt.close(fig)
-    return path
+    return _animate(fig, show, len(frames), FRAME_MS["scatter"], path)
 
 
 def learning_curves(history: list[dict[str, float]], path: Path) -> Path:
