@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export VAELAB_MNIST_MIRROR ?= $(abspath $(wildcard ../shared/mnist))
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test ui clean-venv
+.PHONY: setup repro test bench ui clean-venv
 
 setup: $(VENV)/.installed
 
@@ -27,3 +27,6 @@ ui: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+bench: setup  ## the training epoch against a plain PyTorch loop; writes reports/bench.json
+	python -m vaelab.bench

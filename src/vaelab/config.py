@@ -25,7 +25,7 @@ class Params:
     optimizer: str = "adam"
     lr: float = 1e-4
     batch_size: int = 500
-    epochs: int = 100
+    epochs: int = 200
     seed: int = 0
     device: str = "auto"
     val_size: int = 5000

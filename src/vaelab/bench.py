@@ -1,0 +1,186 @@
+"""Benchmark: the project's training epoch against a straightforward PyTorch loop, in one run.
+
+    python -m vaelab.bench [--rounds 3] [--epochs 3] [--out reports/bench.json]
+
+The baseline is what a user would write: the same model, in-memory tensors, nn.Dropout, autograd and the
+default torch.optim.Adam. The project's epoch is timed as the train stage runs it: validation, snapshots
+and MLflow logging (to a throwaway SQLite store) included. Both are timed in alternating rounds and the
+medians reported, since a shared machine's speed drifts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vaelab import data, figures, metrics, training
+from vaelab.config import Params
+from vaelab.model import IMAGE_PIXELS, SEED_LOSS_SCALE, VAE, ModelConfig
+
+HIDDEN = (256, 128)  # the seed's layer widths, encoder order; the decoder mirrors them
+
+
+def processor_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matrix-multiply rate: the median of `repeats` size^3 products."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def training_gflop_per_epoch(latent_dim: int, images: int) -> float:
+    """Matrix-product FLOPs of one epoch: forward, weight gradient and (except the first layer) input gradient."""
+    layers = [(IMAGE_PIXELS, HIDDEN[0]), (HIDDEN[0], HIDDEN[1]), (HIDDEN[1], 2 * latent_dim),
+              (latent_dim, HIDDEN[1]), (HIDDEN[1], HIDDEN[0]), (HIDDEN[0], IMAGE_PIXELS)]
+    products = sum((2 if i == 0 else 3) * n_in * n_out for i, (n_in, n_out) in enumerate(layers))
+    return 2 * products * images / 1e9
+
+
+def baseline_epoch_seconds(params: Params, images: torch.Tensor, epochs: int) -> list[float]:
+    """The straightforward loop: autograd through the nn.Module, default Adam, shuffled in-memory batches."""
+    torch.manual_seed(params.seed)
+    model = VAE(ModelConfig(params.latent_dim, params.dropout)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
+    seconds = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for index in torch.randperm(len(images)).split(params.batch_size):
+            x = images[index]
+            logits, mean, log_var = model(x)
+            reconstruction = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none")
+            kl = -0.5 * torch.sum(1 + log_var - mean.square() - log_var.exp(), dim=1)
+            loss = (reconstruction.sum(dim=1) + kl).mean() / SEED_LOSS_SCALE
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def project_epoch_seconds(params: Params, train_x, val_x, snapshot_x, store: Path):
+    """Epoch times of `training.train` with the train stage's MLflow logging, and the logging's share."""
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
+    from vaelab import tracking  # MLflow is imported only when the benchmark needs it
+
+    run = tracking.TrainingRun(params)
+    stamps, logging = [time.perf_counter()], [0.0]
+
+    def on_epoch(row):
+        start = time.perf_counter()
+        run.log_epoch(row)
+        logging[0] += time.perf_counter() - start
+        stamps.append(time.perf_counter())
+
+    result = training.train(params, train_x, val_x, snapshot_x, on_epoch=on_epoch)
+    start = time.perf_counter()
+    run.end("FINISHED")
+    logging[0] += time.perf_counter() - start
+    wall = time.perf_counter() - stamps[0]
+    return [b - a for a, b in zip(stamps, stamps[1:])], logging[0] / wall, result
+
+
+def render_seconds(result, labels: torch.Tensor, test_x: torch.Tensor, frames: int, folder: Path) -> float:
+    """The render stage's figures, with the animation length of a default run."""
+    snapshots = result.snapshots
+    manifolds = torch.stack((snapshots.manifolds * frames)[:frames]).numpy()
+    means = torch.stack((snapshots.latent_means * frames)[:frames]).numpy()
+    epochs = list(range(1, frames + 1))
+    start = time.perf_counter()
+    digits = test_x[:10]
+    figures.reconstructions(digits.reshape(-1, 28, 28).numpy(), metrics.reconstruct(result.model, digits).numpy(),
+                            folder / "reconstructions.png")
+    figures.manifold(manifolds[-1], epochs[-1], result.model.config.latent_dim, folder / "manifold.png")
+    figures.manifold_animation(manifolds, epochs, folder / "manifold.gif")
+    figures.latent_scatter(means[-1], labels.numpy(), epochs[-1], folder / "latent_scatter.png")
+    figures.latent_scatter_animation(means, labels.numpy(), epochs, folder / "latent_scatter.gif")
+    figures.learning_curves(result.history, folder / "learning_curves.png")
+    return time.perf_counter() - start
+
+
+def _load_splits(data_dir: Path) -> dict[str, data.Split]:
+    if all((data_dir / f"{name}.pt").exists() for name in data.SPLITS):
+        return {name: data.load_split(data_dir, name) for name in data.SPLITS}
+    return data.prepare(Path("data/raw"), val_size=Params().val_size, seed=Params().seed)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating baseline/project rounds")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs timed per round and loop")
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--out", type=Path, default=Path("reports/bench.json"))
+    args = parser.parse_args(argv)
+
+    params = Params(device="cpu", epochs=args.epochs)
+    splits = _load_splits(args.data)
+    train_x, val_x, test_x = (data.to_float(splits[name].images) for name in data.SPLITS)
+    snapshot = slice(0, training.SNAPSHOT_IMAGES)
+    print(f"{processor_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    peak = matmul_gflops()
+    print(f"matrix multiply: {peak:.0f} GFLOP/s")
+
+    baseline, project, logging_share = [], [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_ in range(args.rounds):
+            baseline += baseline_epoch_seconds(params, train_x, args.epochs)
+            seconds, share, result = project_epoch_seconds(params, train_x, val_x, test_x[snapshot],
+                                                           Path(scratch) / "mlflow.db")
+            project += seconds
+            logging_share.append(share)
+            print(f"round {round_ + 1}: baseline {statistics.median(baseline):.3f} s/epoch, "
+                  f"project {statistics.median(project):.3f} s/epoch")
+        start = time.perf_counter()
+        metrics.test_metrics(result.model, test_x, params.seed)
+        evaluate = time.perf_counter() - start
+        frames = len(training.snapshot_epochs(Params().epochs))
+        render = render_seconds(result, splits["test"].labels[snapshot], test_x, frames, Path(scratch))
+
+    gflop = training_gflop_per_epoch(params.latent_dim, len(train_x))
+    base_s, proj_s = statistics.median(baseline), statistics.median(project)
+    report = {
+        "machine": {"processor": processor_name(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "matmul_gflops": round(peak, 1)},
+        "images_per_epoch": len(train_x),
+        "baseline_s_per_epoch": round(base_s, 4),
+        "project_s_per_epoch": round(proj_s, 4),
+        "ratio": round(proj_s / base_s, 3),
+        "project_images_per_s": round(len(train_x) / proj_s),
+        "baseline_images_per_s": round(len(train_x) / base_s),
+        "gflop_per_epoch": round(gflop, 1),
+        "project_gflops": round(gflop / proj_s, 1),
+        "project_fraction_of_matmul_peak": round(gflop / proj_s / peak, 3),
+        "mlflow_logging_share": round(max(logging_share), 4),
+        "evaluate_s": round(evaluate, 3),
+        "render_s": round(render, 2),
+        "render_frames": frames,
+    }
+    for key, value in report.items():
+        print(f"{key}: {value}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The hand-written training step computes what autograd computes on the same model."""
+import copy
+
+import pytest
+import torch
+
+from vaelab.backprop import FastStep
+from vaelab.model import VAE, ModelConfig, negative_elbo, SEED_LOSS_SCALE
+
+
+def _autograd_step(model: VAE, x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    """The seed's loss through the nn.Module's own layers, with the given dropout masks."""
+    enc, dec = model.encoder.body, model.decoder.net
+    h = enc[2](enc[1](enc[0](x))) * masks[0]
+    h = enc[6](enc[5](enc[4](h))) * masks[1]
+    mean, log_var = model.encoder.mean(h), model.encoder.log_var(h)
+    z = mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
+    d = dec[2](dec[1](dec[0](z))) * masks[2]
+    d = dec[6](dec[5](dec[4](d))) * masks[3]
+    terms = negative_elbo(dec[8](d), x, mean, log_var)
+    (terms[0].mean() / SEED_LOSS_SCALE).backward()
+    return torch.stack([t.sum() for t in terms]).detach()
+
+
+@pytest.mark.parametrize("dropout, latent_dim", [(0.3, 2), (0.0, 5)])
+def test_gradients_statistics_and_batchnorm_state_match_autograd(mnist, dropout, latent_dim):
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(latent_dim, dropout)).train()
+    reference = copy.deepcopy(model)
+    x = mnist["train"].images[:300].reshape(300, -1).float() / 255
+    step = FastStep(model)
+    masks = step._masks(len(x))
+    step._masks = lambda batch: masks
+
+    torch.manual_seed(1)
+    fast_totals = step(x)
+    torch.manual_seed(1)
+    reference_totals = _autograd_step(reference, x, masks)
+
+    torch.testing.assert_close(fast_totals, reference_totals, rtol=1e-5, atol=1e-3)
+    for (name, fast), slow in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(fast.grad, slow.grad, rtol=1e-4, atol=1e-7, msg=name)
+    for (name, fast), slow in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(fast, slow, msg=name)
+
+
+def test_dropout_masks_keep_the_expected_fraction():
+    model = VAE(ModelConfig(2, 0.3)).train()
+    masks = FastStep(model)._masks(500)
+    assert [m.shape for m in masks] == [(500, 256), (500, 128), (500, 128), (500, 256)]
+    values = torch.cat([m.flatten() for m in masks])
+    assert values.unique().tolist() == [0.0, pytest.approx(1 / 0.7, rel=1e-4)]
+    assert (values == 0).float().mean().item() == pytest.approx(0.3, abs=0.003)
+    assert values.mean().item() == pytest.approx(1.0, abs=0.005)
