@@ -6,12 +6,14 @@ import json
 
 from vaelab import config, data, metrics, tracking
 from vaelab.model import load_vae
-from vaelab.stages import atomic_file, paths, run_stage
+from vaelab.stages import atomic_file, check_writable, paths, run_stage
 
 
 def main(argv):
     params = config.load()
     data_dir, model_dir, metrics_json = paths(argv, "DATA_DIR", "MODEL_DIR", "METRICS_JSON")
+    check_writable(metrics_json)
+    tracking.check_reachable()
     model = load_vae(model_dir / "vae.pt")
     test = data.load_split(data_dir, "test")
     results = {f"test_{k}": v for k, v in metrics.test_metrics(model, data.to_float(test.images), params.seed).items()}

@@ -4,12 +4,13 @@ usage: python pipeline/prepare.py RAW_DIR OUT_DIR
 (RAW_DIR caches the downloaded files; $VAELAB_MNIST_MIRROR names a folder or URL to fetch them from.)
 """
 from vaelab import config, data
-from vaelab.stages import atomic_file, paths, run_stage
+from vaelab.stages import atomic_file, check_writable, paths, run_stage
 
 
 def main(argv):
     params = config.load()
     raw_dir, out_dir = paths(argv, "RAW_DIR", "OUT_DIR")
+    check_writable(raw_dir, out_dir)
     splits = data.prepare(raw_dir, val_size=params.val_size, seed=params.seed)
     for name, split in splits.items():
         with atomic_file(out_dir / f"{name}.pt") as path:

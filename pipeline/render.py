@@ -8,7 +8,7 @@ import torch
 from vaelab import data, figures, metrics, tracking, training
 from vaelab.config import load
 from vaelab.model import load_vae
-from vaelab.stages import atomic_dir, paths, run_stage
+from vaelab.stages import atomic_dir, check_writable, paths, run_stage
 
 RECONSTRUCTED_DIGITS = 10
 
@@ -16,6 +16,8 @@ RECONSTRUCTED_DIGITS = 10
 def main(argv):
     load()  # validate params.yaml, though no picture depends on it
     data_dir, model_dir, history_csv, figures_dir = paths(argv, "DATA_DIR", "MODEL_DIR", "HISTORY_CSV", "FIGURES_DIR")
+    check_writable(figures_dir)
+    tracking.check_reachable()
     model = load_vae(model_dir / "vae.pt")
     snapshots = torch.load(model_dir / "snapshots.pt", weights_only=True)
     epochs = snapshots["epochs"].tolist()

@@ -1,32 +1,56 @@
-"""Stage `train`: train the seed's VAE, log it to a new MLflow run, save weights, snapshots and history.
+"""Stage `train`: train the seed's VAE, log it to an MLflow run, save weights, snapshots and history.
 
 usage: python pipeline/train.py DATA_DIR MODEL_DIR HISTORY_CSV
+
+An interrupted training (Ctrl-C, SIGTERM, kill -9) resumes from its checkpoint when run again with the
+same parameters, in the same MLflow run. Checkpoints live in .vaelab/checkpoints/, outside DVC's outputs.
 """
+import os
+import shutil
+
 import torch
 from tqdm import tqdm
 
 from vaelab import config, data, tracking, training
 from vaelab.model import save_vae
-from vaelab.stages import atomic_file, paths, run_stage
+from vaelab.stages import atomic_file, check_writable, paths, project_root, run_stage
+
+CHECKPOINT_SECONDS = float(os.environ.get("VAELAB_CHECKPOINT_SECONDS", 60))
 
 
 def main(argv):
     params = config.load()
     data_dir, model_dir, history_csv = paths(argv, "DATA_DIR", "MODEL_DIR", "HISTORY_CSV")
+    check_writable(model_dir, history_csv)
     device = training.resolve_device(params.device)
+    tracking.check_reachable()
     train_set, val_set, test_set = (data.load_split(data_dir, name) for name in data.SPLITS)
     snapshot_set = data.Split(*(t[: training.SNAPSHOT_IMAGES] for t in (test_set.images, test_set.labels)))
+    checkpoint_dir = project_root() / ".vaelab" / "checkpoints" / params.digest()
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    run_id_file = checkpoint_dir / "run.json"
+    resume_id = tracking.read_run_id(run_id_file) if (checkpoint_dir / "state.pt").exists() else None
 
-    with tracking.training_run(params) as run, tqdm(total=params.epochs, unit="epoch", desc=f"train on {device}") as bar:
+    with tracking.training_run(params, resume_id) as run, tqdm(
+        total=params.epochs, unit="epoch", desc=f"train on {device}"
+    ) as bar:
+        tracking.write_run_id(run_id_file, run.run_id)
+
         def on_epoch(row):
             run.log_epoch(row)
             bar.set_postfix(train=f"{row['train_neg_elbo']:.1f}", val=f"{row['val_neg_elbo']:.1f}", refresh=False)
             bar.update()
 
-        result = training.train(
-            params, data.to_float(train_set.images), data.to_float(val_set.images),
-            data.to_float(snapshot_set.images), on_epoch=on_epoch,
-        )
+        checkpointing = training.Checkpointing(checkpoint_dir / "state.pt", CHECKPOINT_SECONDS, run.flush)
+        try:
+            result = training.train(
+                params, data.to_float(train_set.images), data.to_float(val_set.images),
+                data.to_float(snapshot_set.images), on_epoch=on_epoch, checkpointing=checkpointing,
+            )
+        except training.TrainingDiverged:
+            shutil.rmtree(checkpoint_dir)  # resuming would only diverge again
+            raise
+        bar.update(params.epochs - bar.n)  # epochs restored from a checkpoint
         with atomic_file(model_dir / "snapshots.pt") as path:
             torch.save(result.snapshots.to_dict(snapshot_set.labels), path)
         with atomic_file(history_csv) as path:
@@ -36,6 +60,7 @@ def main(argv):
         tracking.log_model(run.run_id, model_dir / "vae.pt", params.latent_dim)
         with atomic_file(model_dir / "run.json") as path:
             tracking.write_run_id(path, run.run_id)
+    shutil.rmtree(checkpoint_dir)
     last = result.history[-1]
     print(f"epoch {last['epoch']}: val negative ELBO {last['val_neg_elbo']:.2f} nats/image; MLflow run {run.run_id}")
 

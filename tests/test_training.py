@@ -1,10 +1,11 @@
 """The training loop: the seed's snapshot schedule, seeded reproducibility, the history it records."""
 import numpy as np
+import pytest
 import torch
 
 from vaelab import data
 from vaelab.config import Params
-from vaelab.training import snapshot_epochs, train
+from vaelab.training import Checkpointing, TrainingDiverged, snapshot_epochs, train
 
 
 def test_snapshot_schedule_for_1000_epochs_is_the_seeds():
@@ -46,3 +47,32 @@ def test_history_records_losses_in_nats_and_the_seeds_scale(mnist):
     assert result.snapshots.epochs == [1, 2]
     assert result.snapshots.manifolds[0].shape == (420, 420) and result.snapshots.manifolds[0].dtype == torch.uint8
     assert result.snapshots.latent_means[0].shape == (300, 2)
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_bit_for_bit_as_an_uninterrupted_one(mnist, tmp_path):
+    images = data.to_float(mnist["train"].images[:1000])
+    params = Params(epochs=4, batch_size=100, device="cpu")
+    whole = train(params, images[:800], images[800:], images[:300])
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_at_epoch_3(row):
+        if row["epoch"] == 3:
+            raise Interrupted
+
+    checkpointing = Checkpointing(tmp_path / "state.pt", every_seconds=0)
+    with pytest.raises(Interrupted):
+        train(params, images[:800], images[800:], images[:300], on_epoch=stop_at_epoch_3, checkpointing=checkpointing)
+    resumed = train(params, images[:800], images[800:], images[:300], checkpointing=checkpointing)
+
+    assert resumed.history == whole.history
+    assert resumed.snapshots.epochs == whole.snapshots.epochs == [1, 2, 3, 4]
+    for a, b in zip(resumed.model.state_dict().values(), whole.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_diverging_run_stops_naming_epoch_and_step(mnist):
+    images = data.to_float(mnist["train"].images[:1000])
+    with pytest.raises(TrainingDiverged, match=r"at epoch 1, step \d+ of 8"):
+        train(Params(epochs=3, batch_size=100, lr=10.0, device="cpu"), images[:800], images[800:], images[:300])

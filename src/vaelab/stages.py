@@ -1,8 +1,10 @@
-"""What every stage script shares: a clean exit on bad input, and outputs that appear whole or not at all."""
+"""What every stage script shares: a clean exit on bad input or a signal, output folders checked before
+any work, and outputs that appear whole or not at all."""
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -11,30 +13,58 @@ from typing import Callable, Iterator
 
 from vaelab.config import ParamsError
 from vaelab.data import DataError
+from vaelab.training import TrainingDiverged
 
 EXIT_BAD_INPUT = 2
-
-
-def run_stage(main: Callable[[list[str]], None]) -> None:
-    """Run a stage's `main(argv)`; a known error prints one clear line and exits non-zero, no traceback."""
-    try:
-        main(sys.argv[1:])
-    except (ParamsError, DataError, StageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+EXIT_INTERRUPTED = 130
 
 
 class StageError(RuntimeError):
-    """A problem the user can fix (wrong usage, missing device, unwritable folder)."""
+    """A problem the user can fix (wrong usage, an unwritable folder, an unreachable tracking server)."""
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def run_stage(main: Callable[[list[str]], None]) -> None:
+    """Run a stage's `main(argv)`. A known error prints one clear line and exits 2, with no traceback;
+    Ctrl-C and SIGTERM unwind cleanly (the MLflow run is marked KILLED) and exit 130."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        main(sys.argv[1:])
+    except (ParamsError, DataError, StageError, TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted ({interrupt or 'Ctrl-C'}); run the stage again to resume", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def project_root() -> Path:
+    """The repository root. Under `dvc exp run --queue`, DVC_ROOT names the user's repository rather than
+    the temporary copy the experiment runs in, so stores and checkpoints are shared by every run."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def paths(argv: list[str], *names: str) -> list[Path]:
     if len(argv) != len(names):
         raise StageError(f"expected {len(names)} arguments ({' '.join(names)}), got {len(argv)}: {argv}")
     return [Path(arg) for arg in argv]
+
+
+def check_writable(*outputs: Path) -> None:
+    """Fail before any work if an output could not be created; leaves nothing behind."""
+    for output in outputs:
+        ancestor = Path(os.path.abspath(output))
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        try:
+            if not ancestor.is_dir():
+                raise NotADirectoryError(f"{ancestor} is a file")
+            tempfile.TemporaryDirectory(dir=ancestor).cleanup()
+        except OSError as error:
+            raise StageError(f"cannot write the output {output}: {error}") from None
 
 
 @contextmanager

@@ -5,13 +5,17 @@
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import subprocess
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import numpy as np
@@ -23,29 +27,64 @@ from mlflow.tracking import MlflowClient
 import vaelab
 from vaelab.config import Params
 from vaelab.model import load_vae
+from vaelab.stages import StageError, project_root
 
 EXPERIMENT_NAME = "vaelab"
 STORE_FILE = "mlflow.db"  # MLflow's own default name for a SQLite store
 ARTIFACT_DIR = "mlartifacts"  # beside the SQLite store, as `mlflow server` names it
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3 opens other experiments in its GenAI view
-
-
-def project_root() -> Path:
-    """The repository root; under `dvc exp run --queue` DVC_ROOT points at the user's repository, not the
-    temporary copy the experiment runs in, so every run lands in the same store."""
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+PARAMS_TAG, HOST_TAG, PID_TAG = "vaelab.params_digest", "vaelab.host", "vaelab.pid"
+REACHABLE_TIMEOUT_S = 5
+# Fail in seconds, not after minutes of MLflow's default retries, when a tracking server goes away.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / STORE_FILE}"
 
 
-def _artifact_location(uri: str) -> str | None:
-    """For a SQLite store, artifacts go in a folder beside the database (not the current directory,
-    which for a queued experiment is a temporary copy that DVC deletes)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / ARTIFACT_DIR).as_uri()
+def redacted(uri: str) -> str:
+    """The URI without a password, for messages and logs."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}:{parts.port or ''}".rstrip(":")))
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
+
+
+@contextmanager
+def store_lock() -> Iterator[None]:
+    """Serialise writes to a SQLite store across processes (parallel DVC queue workers): SQLite allows
+    one writer at a time and MLflow would otherwise fail with "database is locked" or race to create
+    the tables. Other stores handle concurrency themselves."""
+    database = _sqlite_path(tracking_uri())
+    if database is None:
+        yield
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_reachable() -> None:
+    """Fail within seconds, before any training, when an HTTP tracking server does not answer."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACHABLE_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as error:
+        raise StageError(f"the MLflow tracking server {redacted(uri)} does not answer ({error}); "
+                         "start it or point MLFLOW_TRACKING_URI elsewhere") from None
 
 
 def _client() -> MlflowClient:
@@ -58,10 +97,13 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     """Get or create the experiment; two workers creating it at once both end with the same one."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
+        database = _sqlite_path(tracking_uri())
         try:
             return client.create_experiment(
                 name,
-                artifact_location=_artifact_location(tracking_uri()),
+                # beside the database, not in the working directory, which for a queued experiment is a
+                # temporary copy that DVC deletes
+                artifact_location=(database.parent / ARTIFACT_DIR).as_uri() if database else None,
                 tags={EXPERIMENT_KIND_TAG: "custom_model_development"},
             )
         except MlflowException:
@@ -79,9 +121,9 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def run_tags() -> dict[str, str]:
-    """The git commit and, under `dvc exp run`, the DVC experiment's name and baseline revision."""
-    tags = {}
+def run_tags(params: Params) -> dict[str, str]:
+    """The git commit, who runs it, and under `dvc exp run` the DVC experiment's name and baseline."""
+    tags = {PARAMS_TAG: params.digest(), HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
     if commit := _git_commit():
         tags["mlflow.source.git.commit"] = commit
     if name := os.environ.get("DVC_EXP_NAME"):
@@ -92,20 +134,61 @@ def run_tags() -> dict[str, str]:
     return tags
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _close_orphans(client: MlflowClient, experiment_id: str, params: Params, keep: str | None) -> None:
+    """Mark KILLED the RUNNING runs of these parameters whose process on this host is gone (kill -9)."""
+    orphans = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARAMS_TAG}` = '{params.digest()}' and attributes.status = 'RUNNING'",
+    )
+    for run in orphans:
+        tags = run.data.tags
+        if run.info.run_id != keep and tags.get(HOST_TAG) == socket.gethostname() and not _alive(
+            int(tags.get(PID_TAG, "0"))
+        ):
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+
+
 class TrainingRun:
-    """The MLflow run of one training; per-epoch metrics are sent in batches, not one round trip each."""
+    """The MLflow run of one training; per-epoch metrics are sent in batches, not one round trip each.
+
+    `resume_id` continues a run that an interrupted training of the same parameters left behind."""
 
     FLUSH_SECONDS = 10.0
 
-    def __init__(self, params: Params):
+    def __init__(self, params: Params, resume_id: str | None = None):
         self.client = _client()
-        experiment_id = _experiment_id(self.client, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME))
-        tags = run_tags()
-        run = self.client.create_run(experiment_id, tags=tags, run_name=tags.get("mlflow.runName"))
-        self.run_id = run.info.run_id
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.to_dict().items()])
+        tags = run_tags(params)
+        with store_lock():
+            experiment_id = _experiment_id(self.client, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME))
+            self.run_id = resume_id if resume_id and self._exists(resume_id) else None
+            _close_orphans(self.client, experiment_id, params, keep=self.run_id)
+            if self.run_id:
+                self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+                self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            else:
+                run = self.client.create_run(experiment_id, tags=tags, run_name=tags.get("mlflow.runName"))
+                self.run_id = run.info.run_id
+                params_logged = [Param(k, str(v)) for k, v in params.to_dict().items()]
+                self.client.log_batch(self.run_id, params=params_logged)
         self._pending: list[Metric] = []
         self._last_flush = time.monotonic()
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
 
     def log_epoch(self, row: dict[str, float]) -> None:
         now = int(time.time() * 1000)
@@ -115,20 +198,22 @@ class TrainingRun:
             self.flush()
 
     def flush(self) -> None:
-        for start in range(0, len(self._pending), 1000):  # MLflow's limit per batch
-            self.client.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
+        with store_lock():
+            for start in range(0, len(self._pending), 1000):  # MLflow's limit per batch
+                self.client.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
         self._pending = []
         self._last_flush = time.monotonic()
 
     def end(self, status: str) -> None:
         self.flush()
-        self.client.set_terminated(self.run_id, status)
+        with store_lock():
+            self.client.set_terminated(self.run_id, status)
 
 
 @contextmanager
-def training_run(params: Params) -> Iterator[TrainingRun]:
-    """A run that ends FINISHED, or KILLED on Ctrl-C, or FAILED on any other error."""
-    run = TrainingRun(params)
+def training_run(params: Params, resume_id: str | None = None) -> Iterator[TrainingRun]:
+    """A run that ends FINISHED, or KILLED on Ctrl-C or SIGTERM, or FAILED on any other error."""
+    run = TrainingRun(params, resume_id)
     try:
         yield run
     except KeyboardInterrupt:
@@ -141,23 +226,29 @@ def training_run(params: Params) -> Iterator[TrainingRun]:
 
 
 def write_run_id(path: Path, run_id: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"run_id": run_id}) + "\n")
+
+
+def read_run_id(path: Path) -> str | None:
+    try:
+        return json.loads(Path(path).read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 @contextmanager
 def resumed_run(run_id_file: Path) -> Iterator[str]:
     """Reopen the training run recorded by `train`, for the later stages to log into."""
-    run_id = json.loads(Path(run_id_file).read_text())["run_id"]
+    run_id = read_run_id(run_id_file)
     client = _client()
     try:
-        client.get_run(run_id)
+        client.get_run(run_id or "")
     except MlflowException:
-        raise RuntimeError(
-            f"MLflow run {run_id} (from {run_id_file}) is not in the store {tracking_uri()}; "
+        raise StageError(
+            f"MLflow run {run_id} (from {run_id_file}) is not in the store {redacted(tracking_uri())}; "
             "re-train to create it there: dvc repro --force train"
         ) from None
-    with mlflow.start_run(run_id=run_id):
+    with store_lock(), mlflow.start_run(run_id=run_id):
         yield run_id
 
 
@@ -189,7 +280,7 @@ def log_model(run_id: str, weights: Path, latent_dim: int) -> None:
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
     )
-    with mlflow.start_run(run_id=run_id):
+    with store_lock(), mlflow.start_run(run_id=run_id):
         mlflow.pyfunc.log_model(
             name="model",
             python_model=DecoderModel(),

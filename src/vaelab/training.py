@@ -5,8 +5,11 @@ Importable with torch alone (no MLflow, no DVC): the caller observes progress th
 from __future__ import annotations
 
 import csv
+import os
 import random
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -113,17 +116,33 @@ class TrainResult:
     snapshots: Snapshots
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and step."""
+
+
+@dataclass
+class Checkpointing:
+    """Where and how often `train` saves everything needed to resume bit for bit: weights, optimizer state,
+    random number generators, history and snapshots. `before_save` runs first (to flush logged metrics)."""
+
+    path: Path
+    every_seconds: float = 60.0
+    before_save: Callable[[], None] | None = None
+
+
 def train(
     params: Params,
     train_images: torch.Tensor,
     val_images: torch.Tensor,
     snapshot_images: torch.Tensor,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> TrainResult:
     """Train the seed's VAE on float images (n, 784); returns the model, per-epoch history and snapshots.
 
     Each history row holds the epoch and, for `train_` and `val_`: the seed's scaled `loss` and the
-    negative ELBO, reconstruction and KL terms in nats per image.
+    negative ELBO, reconstruction and KL terms in nats per image. With `checkpointing`, a run whose
+    checkpoint exists continues from it, with the same result as if it had never stopped.
     """
     device = resolve_device(params.device)
     seed_everything(params.seed)
@@ -135,18 +154,29 @@ def train(
     n = len(train_images)
     snapshot_at = set(snapshot_epochs(params.epochs))
     history, snapshots = [], Snapshots()
+    done = 0
+    if checkpointing is not None and checkpointing.path.exists():
+        done = _restore(checkpointing.path, model, optimizer, shuffle, history, snapshots)
+    last_save = time.monotonic()
 
-    for epoch in range(1, params.epochs + 1):
+    for epoch in range(done + 1, params.epochs + 1):
         model.train()
         order = torch.randperm(n, generator=shuffle).to(device)
+        batches = [index for index in order.split(params.batch_size) if len(index) > 1]  # BatchNorm needs 2
+        step_losses = torch.empty(len(batches), device=device)
         totals, seen = torch.zeros(3, device=device), 0
-        for start in range(0, n, params.batch_size):
-            index = order[start : start + params.batch_size]
-            if len(index) < 2:  # BatchNorm cannot normalise a batch of one; Keras would fail too
-                continue
-            totals += step(train_images[index])
+        for i, index in enumerate(batches):
+            stats = step(train_images[index])
             optimizer.step()
+            step_losses[i] = stats[0]
+            totals += stats
             seen += len(index)
+        if not torch.isfinite(totals).all():
+            bad = int((~torch.isfinite(step_losses)).nonzero()[0])
+            raise TrainingDiverged(
+                f"the loss is {step_losses[bad].item()} at epoch {epoch}, step {bad + 1} of {len(batches)}; "
+                f"training stopped (lr {params.lr} may be too large)"
+            )
         row = {"epoch": epoch}
         row.update({f"train_{k}": v for k, v in _summary(totals / seen).items()})
         row.update({f"val_{k}": v for k, v in evaluate_loss(model, val_images, params.batch_size).items()})
@@ -158,8 +188,46 @@ def train(
             snapshots.latent_means.append(encode_means(model, snapshot_images).float().cpu())
         if on_epoch is not None:
             on_epoch(row)
+        due = time.monotonic() - last_save >= checkpointing.every_seconds if checkpointing else False
+        if checkpointing is not None and (due or epoch == params.epochs):
+            if checkpointing.before_save is not None:
+                checkpointing.before_save()
+            _save(checkpointing.path, epoch, model, optimizer, shuffle, history, snapshots)
+            last_save = time.monotonic()
     model.eval()
     return TrainResult(model.cpu(), history, snapshots)
+
+
+def _save(path: Path, epoch, model, optimizer, shuffle, history, snapshots: Snapshots) -> None:
+    state = {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if next(model.parameters()).is_cuda else torch.empty(0),
+        "shuffle_rng": shuffle.get_state(),
+        "history": history,
+        "snapshots": {"epochs": snapshots.epochs, "manifolds": snapshots.manifolds,
+                      "latent_means": snapshots.latent_means},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def _restore(path: Path, model, optimizer, shuffle, history, snapshots: Snapshots) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if len(state["cuda_rng"]):
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    shuffle.set_state(state["shuffle_rng"])
+    history.extend(state["history"])
+    for name in ("epochs", "manifolds", "latent_means"):
+        getattr(snapshots, name).extend(state["snapshots"][name])
+    return state["epoch"]
 
 
 def save_history(history: list[dict[str, float]], path) -> None:
