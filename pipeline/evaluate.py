@@ -16,7 +16,7 @@ def main(argv):
     tracking.check_reachable()
     model = load_vae(model_dir / "vae.pt")
     test = data.load_split(data_dir, "test")
-    results = {f"test_{k}": v for k, v in metrics.test_metrics(model, data.to_float(test.images), params.seed).items()}
+    results = {f"test_{k}": v for k, v in metrics.elbo_metrics(model, data.to_float(test.images), params.seed).items()}
     with tracking.resumed_run(model_dir / "run.json"):
         tracking.log_metrics(results)
     with atomic_file(metrics_json) as path:

@@ -1,5 +1,6 @@
 """Shared fixtures: the real MNIST files (../shared/mnist beside the clone, or $VAELAB_MNIST_MIRROR)."""
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,21 @@ def mnist_dir() -> Path:
 @pytest.fixture(scope="session")
 def mnist(mnist_dir) -> dict[str, data.Split]:
     return data.read_mnist({name: mnist_dir / name for name in data.FILES})
+
+
+@pytest.fixture
+def damaged_mirror(mnist_dir, tmp_path):
+    """Make a copy of the MNIST folder with one file truncated or with one byte changed."""
+
+    def damage(name: str, how: str) -> Path:
+        mirror = tmp_path / "damaged-mirror"
+        shutil.copytree(mnist_dir, mirror)
+        victim = mirror / name
+        victim.chmod(0o644)
+        content = victim.read_bytes()
+        middle = len(content) // 2
+        changed = content[:middle] + bytes([content[middle] ^ 0xFF]) + content[middle + 1 :]
+        victim.write_bytes(content[:middle] if how == "truncated" else changed)
+        return mirror
+
+    return damage

@@ -82,6 +82,16 @@ def repro(project):
     return project
 
 
+def _wait_for_queue(project: Project, timeout: float = 1200) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = project.run("dvc", "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(3)
+    raise AssertionError(f"the queue did not finish in {timeout} s:\n{status}")
+
+
 def test_repro_writes_sane_metrics(repro):
     metrics = json.loads((repro / "reports" / "metrics.json").read_text())
     assert 100 < metrics["test_neg_elbo"] < 500  # nats per image after 3 epochs at lr 1e-4
@@ -143,12 +153,7 @@ def test_experiment_and_queued_experiment_land_in_the_same_store(repro):
 
     repro.run("dvc", "exp", "run", "--queue", "-S", "latent_dim=4", "--name", "queued")
     repro.run("dvc", "queue", "start")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = repro.run("dvc", "queue", "status")
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
+    status = _wait_for_queue(repro)
     assert "Success" in status, status
     runs = _runs(repro)
     assert len(runs) == 3
@@ -160,3 +165,23 @@ def test_experiment_and_queued_experiment_land_in_the_same_store(repro):
     assert artifacts.is_relative_to(repro / "mlartifacts") and (artifacts / "figures" / "manifold.gif").exists()
     shown = repro.run("dvc", "exp", "show", "--json")
     assert "wide" in shown and "queued" in shown
+
+
+def test_eight_queued_experiments_on_four_workers_all_land_complete_in_the_sqlite_store(repro):
+    before = {run.info.run_id for run in _runs(repro)}
+    repro.run("dvc", "exp", "run", "--queue", "-S", "epochs=1", "-S", "latent_dim=5,6,7,8", "-S", "dropout=0.1,0.2")
+    repro.run("dvc", "queue", "start", "-j", "4")
+    status = _wait_for_queue(repro)
+    assert "Failed" not in status, status
+    new = [run for run in _runs(repro) if run.info.run_id not in before]
+    assert sorted((run.data.params["latent_dim"], run.data.params["dropout"]) for run in new) == [
+        (str(d), str(p)) for d in (5, 6, 7, 8) for p in (0.1, 0.2)
+    ]
+    client = _client(repro)
+    for run in new:
+        assert run.info.status == "FINISHED" and "test_neg_elbo" in run.data.metrics
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_neg_elbo")] == [1]
+        figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures")}
+        assert "manifold.gif" in figures and "dvc.exp_name" in run.data.tags
+    models = client.search_logged_models([new[0].info.experiment_id])
+    assert {m.source_run_id for m in models} >= {run.info.run_id for run in new}

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"round {round_ + 1}: baseline {statistics.median(baseline):.3f} s/epoch, "
                   f"project {statistics.median(project):.3f} s/epoch")
         start = time.perf_counter()
-        metrics.test_metrics(result.model, test_x, params.seed)
+        metrics.elbo_metrics(result.model, test_x, params.seed)
         evaluate = time.perf_counter() - start
         frames = len(training.snapshot_epochs(Params().epochs))
         render = render_seconds(result, splits["test"].labels[snapshot], test_x, frames, Path(scratch))
