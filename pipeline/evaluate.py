@@ -1,8 +1,12 @@
-"""Stage `evaluate`: test-set negative ELBO, its parts and the per-pixel MSE, into a DVC metric and MLflow.
+"""Stage `evaluate`: on the test set, in eval mode, the negative ELBO and its parts, the importance-sampled
+log-likelihood bound, latent diagnostics and per-digit scores, into a DVC metric, a short report and MLflow.
 
-usage: python pipeline/evaluate.py DATA_DIR MODEL_DIR METRICS_JSON
+usage: python pipeline/evaluate.py DATA_DIR MODEL_DIR METRICS_JSON EVALUATION_MD
 """
 import json
+import time
+
+import torch
 
 from vaelab import config, data, metrics, tracking
 from vaelab.model import load_vae
@@ -11,17 +15,37 @@ from vaelab.stages import atomic_file, check_writable, paths, run_stage
 
 def main(argv):
     params = config.load()
-    data_dir, model_dir, metrics_json = paths(argv, "DATA_DIR", "MODEL_DIR", "METRICS_JSON")
-    check_writable(metrics_json)
+    data_dir, model_dir, metrics_json, evaluation_md = paths(argv, "DATA_DIR", "MODEL_DIR", "METRICS_JSON",
+                                                             "EVALUATION_MD")
+    check_writable(metrics_json, evaluation_md)
     tracking.check_reachable()
     model = load_vae(model_dir / "vae.pt")
-    test = data.load_split(data_dir, "test")
-    results = {f"test_{k}": v for k, v in metrics.elbo_metrics(model, data.to_float(test.images), params.seed).items()}
-    with tracking.resumed_run(model_dir / "run.json"):
-        tracking.log_metrics(results)
+    train, test = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
+    test_x = data.model_inputs(test.images, params.binarize, "test")
+    train_x = data.model_inputs(train.images, "none" if params.binarize == "none" else "static", "train")
+
+    results = metrics.elbo_metrics(model, test_x, params.seed, labels=test.labels)
+    start = time.perf_counter()
+    print(f"importance sampling log p(x): K = {params.iwae_samples} per image, {len(test_x)} images ...", flush=True)
+    torch.manual_seed(params.seed)
+    results["iwae_nll"] = -metrics.importance_log_likelihood(model, test_x, params.iwae_samples).mean().item()
+    print(f"... {time.perf_counter() - start:.0f} s")
+    results["elbo_gap"] = results["neg_elbo"] - results["iwae_nll"]
+    results.update(metrics.latent_diagnostics(model, test_x))
+    results["latent_classifier_accuracy"] = metrics.latent_classifier_accuracy(
+        model, train_x, train.labels, test_x, test.labels)
+    results = {f"test_{k}": v for k, v in results.items()}
+
     with atomic_file(metrics_json) as path:
         path.write_text(json.dumps(results, indent=2) + "\n")
-    print("\n".join(f"{k}: {v:.4f}" for k, v in results.items()))
+    with atomic_file(evaluation_md) as path:
+        path.write_text(metrics.evaluation_report(results, params.binarize, params.iwae_samples))
+    with tracking.resumed_run(model_dir / "run.json"):
+        tracking.log_metrics(results)
+        tracking.log_artifact(evaluation_md)
+    for key in ("test_neg_elbo", "test_iwae_nll", "test_elbo_gap", "test_active_units",
+                "test_latent_classifier_accuracy", "test_mse_per_pixel"):
+        print(f"{key}: {results[key]:.4f}")
 
 
 if __name__ == "__main__":

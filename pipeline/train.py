@@ -44,8 +44,10 @@ def main(argv):
         checkpointing = training.Checkpointing(checkpoint_dir / "state.pt", CHECKPOINT_SECONDS, run.flush)
         try:
             result = training.train(
-                params, data.to_float(train_set.images), data.to_float(val_set.images),
-                data.to_float(snapshot_set.images), on_epoch=on_epoch, checkpointing=checkpointing,
+                params, data.model_inputs(train_set.images, params.binarize, "train"),
+                data.model_inputs(val_set.images, params.binarize, "val"),
+                data.model_inputs(snapshot_set.images, params.binarize, "test"),
+                on_epoch=on_epoch, checkpointing=checkpointing,
             )
         except training.TrainingDiverged:
             shutil.rmtree(checkpoint_dir)  # resuming would only diverge again

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = {"epochs": 3}
+SMALL = {"epochs": 3, "iwae_samples": 20}
 pytestmark = pytest.mark.e2e
 
 
@@ -98,6 +98,12 @@ def test_repro_writes_sane_metrics(repro):
     assert metrics["test_reconstruction"] + metrics["test_kl"] == pytest.approx(metrics["test_neg_elbo"])
     assert metrics["test_seed_loss"] == pytest.approx(metrics["test_neg_elbo"] / 1568)
     assert 0 < metrics["test_mse_per_pixel"] < 0.25  # an early model; the default run reaches about 0.04
+    assert 0 <= metrics["test_elbo_gap"] < 50 and metrics["test_iwae_nll"] <= metrics["test_neg_elbo"]
+    assert metrics["test_active_units"] in (1, 2) and {"test_kl_z0", "test_kl_z1"} <= set(metrics)
+    assert 0.2 < metrics["test_latent_classifier_accuracy"] <= 1
+    assert all(100 < metrics[f"test_neg_elbo_digit_{d}"] < 600 for d in range(10))
+    report = (repro / "reports" / "evaluation.md").read_text()
+    assert "importance-sampled" in report and "not a probability" in report  # binarize: none's caveat
     shown = repro.run("dvc", "metrics", "show", "--json")
     assert "test_neg_elbo" in shown
 

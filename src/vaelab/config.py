@@ -31,6 +31,8 @@ class Params:
     seed: int = 0
     device: str = "auto"
     val_size: int = 5000
+    binarize: str = "none"
+    iwae_samples: int = 500
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -50,6 +52,8 @@ _RULES: dict[str, tuple[type, Any, str]] = {
     "epochs": (int, lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),
     "seed": (int, lambda v: 0 <= v < 2**63, "a non-negative integer"),
     "device": (str, lambda v: v in ("auto", "cpu", "cuda"), "one of: auto, cpu, cuda"),
+    "binarize": (str, lambda v: v in ("none", "dynamic", "static"), "one of: none, dynamic, static"),
+    "iwae_samples": (int, lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),
     "val_size": (int, lambda v: 1 <= v <= MNIST_TRAIN_SIZE // 2, f"an integer from 1 to {MNIST_TRAIN_SIZE // 2}"),
 }
 

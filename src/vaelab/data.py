@@ -144,3 +144,17 @@ def load_split(data_dir: Path, name: str) -> Split:
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (n, 28, 28) -> float32 (n, 784) in [0, 1], as the seed scales pixels."""
     return images.reshape(len(images), -1).float().div_(255.0)
+
+
+# One fixed binarization per split, the same for every run, so binarized runs are compared on the same data.
+BINARIZATION_SEEDS = {"train": 1, "val": 2, "test": 3}
+
+
+def model_inputs(images: torch.Tensor, binarize: str, split: str) -> torch.Tensor:
+    """What the model sees of a split: grayscale (the seed, `none`), or pixels drawn once as Bernoulli(pixel)
+    with a fixed seed. With `dynamic` the training set stays grayscale here and the training loop draws
+    a new binarization of every batch; its validation and test sets are the fixed ones."""
+    pixels = to_float(images)
+    if binarize == "none" or (binarize == "dynamic" and split == "train"):
+        return pixels
+    return torch.bernoulli(pixels, generator=torch.Generator().manual_seed(BINARIZATION_SEEDS[split]))

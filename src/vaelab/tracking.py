@@ -256,6 +256,10 @@ def log_metrics(metrics: dict[str, float]) -> None:
     mlflow.log_metrics(metrics)
 
 
+def log_artifact(path: Path) -> None:
+    mlflow.log_artifact(str(path))
+
+
 def log_artifacts(folder: Path, artifact_path: str) -> None:
     mlflow.log_artifacts(str(folder), artifact_path)
 

@@ -166,7 +166,10 @@ def train(
         step_losses = torch.empty(len(batches), device=device)
         totals, seen = torch.zeros(3, device=device), 0
         for i, index in enumerate(batches):
-            stats = step(train_images[index])
+            x = train_images[index]
+            if params.binarize == "dynamic":  # a fresh Bernoulli(pixel) draw of every batch
+                x = (torch.rand_like(x) < x).to(x.dtype)
+            stats = step(x)
             optimizer.step()
             step_losses[i] = stats[0]
             totals += stats
