@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -191,3 +192,20 @@ def test_eight_queued_experiments_on_four_workers_all_land_complete_in_the_sqlit
         assert "manifold.gif" in figures and "dvc.exp_name" in run.data.tags
     models = client.search_logged_models([new[0].info.experiment_id])
     assert {m.source_run_id for m in models} >= {run.info.run_id for run in new}
+
+
+def test_compare_reports_every_training_run_and_logs_the_report(repro):
+    training = len(_runs(repro))
+    out = repro.run("vaelab", "compare")
+    assert f"{training} runs compared" in out
+    folder = repro / "reports" / "compare"
+    assert {p.name for p in folder.iterdir()} == {
+        "runs.csv", "runs.md", "metrics_vs_latent_dim.png", "learning_curves.png", "manifolds.png"}
+    table = pd.read_csv(folder / "runs.csv")
+    assert len(table) == training and set(table["latent_dim"]) == {2, 3, 4, 5, 6, 7, 8}
+    assert table["test_neg_elbo"].notna().all()
+    [comparison] = [run for run in _runs(repro) if run.data.tags.get("vaelab.kind") == "comparison"]
+    logged = {Path(a.path).name for a in _client(repro).list_artifacts(comparison.info.run_id, "compare")}
+    assert logged == {p.name for p in folder.iterdir()}
+    baseline = table.loc[table["latent_dim"] == 3, "run"].item()  # filter by a tag: one DVC experiment
+    assert "1 runs compared" in repro.run("vaelab", "compare", "--no-log", "--tag", f"dvc.exp_name={baseline}")
