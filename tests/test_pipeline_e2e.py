@@ -3,9 +3,11 @@ in a copy of this repository, with the default MLflow store (mlflow.db at the re
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -192,6 +194,69 @@ def test_eight_queued_experiments_on_four_workers_all_land_complete_in_the_sqlit
         assert "manifold.gif" in figures and "dvc.exp_name" in run.data.tags
     models = client.search_logged_models([new[0].info.experiment_id])
     assert {m.source_run_id for m in models} >= {run.info.run_id for run in new}
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; no browser is downloaded by a test tool
+
+
+@pytest.fixture
+def mlflow_ui(repro):
+    """`mlflow ui` on the project's store, on 127.0.0.1 at a free port, as the README starts it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", "sqlite:///mlflow.db",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=repro.root, env=repro.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow ui did not start"
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_mlflow_ui_shows_the_runs_and_the_manifold_gif_in_a_real_browser(repro, mlflow_ui):
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI needs Debian's chromium (.ci/run installs it)")
+        pytest.skip("needs Debian's chromium: apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
+    experiment = _client(repro).get_experiment_by_name("vaelab")
+    wide = next(run for run in _runs(repro) if run.data.tags.get("dvc.exp_name") == "wide")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs")  # training runs, not GenAI
+        page.wait_for_selector("text=Training runs", timeout=60_000)
+        page.wait_for_selector("text=queued", timeout=60_000)
+        search = page.get_by_placeholder('metrics.rmse < 1 and params.model = "tree"')
+        search.fill("params.latent_dim = '3'")
+        search.press("Enter")
+        page.wait_for_selector("text=queued", state="detached", timeout=30_000)  # latent_dim 4
+        assert page.get_by_text("wide", exact=True).is_visible()  # latent_dim 3
+
+        page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{wide.info.run_id}"
+                  "/artifacts/figures/manifold.gif")
+        gif = page.wait_for_selector("img[src^='blob:']", timeout=60_000)
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=gif, timeout=60_000)
+        assert gif.evaluate("img => img.naturalWidth") > 100
+        page.screenshot(path=str(repro / "reports" / "mlflow_ui.png"))
+        browser.close()
+    assert (repro / "reports" / "mlflow_ui.png").stat().st_size > 10_000
 
 
 def test_compare_reports_every_training_run_and_logs_the_report(repro):
