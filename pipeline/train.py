@@ -39,7 +39,7 @@ def main(argv):
         def on_epoch(row):
             run.log_epoch(row)
             bar.set_postfix(train=f"{row['train_neg_elbo']:.1f}", val=f"{row['val_neg_elbo']:.1f}", refresh=False)
-            bar.update()
+            bar.update(row["epoch"] - bar.n)  # a resumed run starts past its checkpoint's epoch
 
         checkpointing = training.Checkpointing(checkpoint_dir / "state.pt", CHECKPOINT_SECONDS, run.flush)
         try:
