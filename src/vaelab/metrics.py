@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from vaelab.model import SEED_LOSS_SCALE, VAE, negative_elbo, reconstruction_nll
+from vaelab.model import SEED_LOSS_SCALE, VAE, encode_in_batches, kl_per_dimension, negative_elbo, reconstruction_nll
 
 EVAL_BATCH = 1000
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -51,23 +51,17 @@ def elbo_metrics(model: VAE, images: torch.Tensor, seed: int, labels: torch.Tens
 def latent_diagnostics(model: VAE, images: torch.Tensor) -> dict[str, float]:
     """Active units (dimensions whose Cov_x(E_q[z]) exceeds 0.01, Burda et al. 2015) and the mean KL of
     each latent dimension, in nats."""
-    mean, log_var = _encode(model, images)
-    kl = -0.5 * (1 + log_var - mean.square() - log_var.exp()).mean(dim=0)
+    mean, log_var = encode_in_batches(model, images)
+    kl = kl_per_dimension(mean, log_var).mean(dim=0)
     results = {"active_units": int((mean.var(dim=0) > ACTIVE_UNIT_THRESHOLD).sum())}
     results.update({f"kl_z{i}": value for i, value in enumerate(kl.tolist())})
     return results
 
 
-def _encode(model: VAE, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    parts = [model.encoder(images[i : i + EVAL_BATCH]) for i in range(0, len(images), EVAL_BATCH)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
 def latent_classifier_accuracy(model: VAE, train_images, train_labels, test_images, test_labels) -> float:
     """How well the latent means separate digits: test accuracy of a multinomial logistic regression
     fitted (L-BFGS, standardised features) on the training images' latent means."""
-    with torch.no_grad():
-        train_z, test_z = _encode(model, train_images)[0], _encode(model, test_images)[0]
+    train_z, test_z = encode_in_batches(model, train_images)[0], encode_in_batches(model, test_images)[0]
     centre, scale = train_z.mean(dim=0), train_z.std(dim=0).clamp_min(1e-6)
     train_z, test_z = (train_z - centre) / scale, (test_z - centre) / scale
     generator = torch.Generator().manual_seed(0)

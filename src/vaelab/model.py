@@ -91,9 +91,21 @@ def reparameterize(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     return mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
 
 
+def kl_per_dimension(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """KL[N(mean, exp(log_var)) || N(0, 1)] of each latent dimension, in nats (closed form)."""
+    return -0.5 * (1 + log_var - mean.square() - log_var.exp())
+
+
 def kl_to_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """KL[N(mean, exp(log_var)) || N(0, I)] per image, in nats (closed form)."""
-    return -0.5 * torch.sum(1 + log_var - mean.square() - log_var.exp(), dim=-1)
+    """KL[N(mean, exp(log_var)) || N(0, I)] per image, in nats."""
+    return kl_per_dimension(mean, log_var).sum(dim=-1)
+
+
+@torch.no_grad()
+def encode_in_batches(model: VAE, images: torch.Tensor, batch_size: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, log-variance) of q(z|x) for float images (n, 784), a batch at a time; eval mode by the caller."""
+    parts = [model.encoder(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def reconstruction_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from vaelab.config import Params, ParamsError
 from vaelab.backprop import FastStep
-from vaelab.model import SEED_LOSS_SCALE, VAE, ModelConfig, manifold_latents, negative_elbo
+from vaelab.model import SEED_LOSS_SCALE, VAE, ModelConfig, encode_in_batches, manifold_latents, negative_elbo
 
 MANIFOLD_SIZE = 15
 SNAPSHOT_IMAGES = 5000  # the first test images, whose latent means animate the scatter
@@ -77,12 +77,6 @@ def manifold_image(model: VAE, size: int = MANIFOLD_SIZE) -> torch.Tensor:
     digits = model.decode(manifold_latents(model.config.latent_dim, size).to(device))
     tiles = digits.reshape(size, size, 28, 28).permute(0, 2, 1, 3).reshape(size * 28, size * 28)
     return (tiles * 255).round().to(torch.uint8).cpu()
-
-
-@torch.no_grad()
-def encode_means(model: VAE, images: torch.Tensor, batch_size: int = 5000) -> torch.Tensor:
-    """Latent means of float images (n, 784), in eval mode by the caller."""
-    return torch.cat([model.encoder(images[i : i + batch_size])[0] for i in range(0, len(images), batch_size)])
 
 
 @torch.no_grad()
@@ -188,7 +182,7 @@ def train(
             model.eval()
             snapshots.epochs.append(epoch)
             snapshots.manifolds.append(manifold_image(model))
-            snapshots.latent_means.append(encode_means(model, snapshot_images).float().cpu())
+            snapshots.latent_means.append(encode_in_batches(model, snapshot_images)[0].float().cpu())
         if on_epoch is not None:
             on_epoch(row)
         due = time.monotonic() - last_save >= checkpointing.every_seconds if checkpointing else False
