@@ -1,5 +1,4 @@
 """The seed's model and objective."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,72 +1,26 @@
-"""End to end, as a user runs it: real `dvc repro`, `dvc exp run` and a queued experiment, on real MNIST,
-in a copy of this repository, with the default MLflow store (mlflow.db at the repository root)."""
+"""End to end, as a user runs it, in copies of this repository with the default MLflow store (mlflow.db at
+the repository root), on real MNIST: `dvc repro`, `dvc exp run`, a queued experiment, a queued grid of 12 on
+two workers, `vaelab compare`, and the MLflow UI in a real browser."""
 import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from projects import SMALL, Project, free_port, http_service, new_project, user_env
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL = {"epochs": 3, "iwae_samples": 20}
+SWEEP = {"latent_dim": (2, 8, 16), "dropout": (0, 0.3), "optimizer": ("adam", "rmsprop")}  # issue 6's grid
 pytestmark = pytest.mark.e2e
-
-
-def _copy_repository(target: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, target / name)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mnist_dir):
-    root = tmp_path_factory.mktemp("project")
-    _copy_repository(root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump({**params, **SMALL}, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        VAELAB_MNIST_MIRROR=str(mnist_dir),
-        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
-        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
-    )
-
-    project = Project(root, env)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
-        project.run(*command)
-    return project
-
-
-class Project:
-    """A copy of the repository and the environment a user's shell would have."""
-
-    def __init__(self, root: Path, env: dict[str, str]):
-        self.root, self.env = root, env
-
-    def __truediv__(self, name: str) -> Path:
-        return self.root / name
-
-    def run(self, *command: str, timeout: int = 900) -> str:
-        result = subprocess.run(command, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
-        assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
-        return result.stdout
+    return new_project(tmp_path_factory.mktemp("project"), user_env(mnist_dir))
 
 
 def _client(project: Project) -> MlflowClient:
@@ -83,16 +37,6 @@ def _runs(project: Project):
 def repro(project):
     project.run("dvc", "repro")
     return project
-
-
-def _wait_for_queue(project: Project, timeout: float = 1200) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = project.run("dvc", "queue", "status")
-        if "Queued" not in status and "Running" not in status:
-            return status
-        time.sleep(3)
-    raise AssertionError(f"the queue did not finish in {timeout} s:\n{status}")
 
 
 def test_repro_writes_sane_metrics(repro):
@@ -162,7 +106,7 @@ def test_experiment_and_queued_experiment_land_in_the_same_store(repro):
 
     repro.run("dvc", "exp", "run", "--queue", "-S", "latent_dim=4", "--name", "queued")
     repro.run("dvc", "queue", "start")
-    status = _wait_for_queue(repro)
+    status = repro.wait_for_queue()
     assert "Success" in status, status
     runs = _runs(repro)
     assert len(runs) == 3
@@ -176,54 +120,17 @@ def test_experiment_and_queued_experiment_land_in_the_same_store(repro):
     assert "wide" in shown and "queued" in shown
 
 
-def test_eight_queued_experiments_on_four_workers_all_land_complete_in_the_sqlite_store(repro):
-    before = {run.info.run_id for run in _runs(repro)}
-    repro.run("dvc", "exp", "run", "--queue", "-S", "epochs=1", "-S", "latent_dim=5,6,7,8", "-S", "dropout=0.1,0.2")
-    repro.run("dvc", "queue", "start", "-j", "4")
-    status = _wait_for_queue(repro)
-    assert "Failed" not in status, status
-    new = [run for run in _runs(repro) if run.info.run_id not in before]
-    assert sorted((run.data.params["latent_dim"], run.data.params["dropout"]) for run in new) == [
-        (str(d), str(p)) for d in (5, 6, 7, 8) for p in (0.1, 0.2)
-    ]
-    client = _client(repro)
-    for run in new:
-        assert run.info.status == "FINISHED" and "test_neg_elbo" in run.data.metrics
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_neg_elbo")] == [1]
-        figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures")}
-        assert "manifold.gif" in figures and "dvc.exp_name" in run.data.tags
-    models = client.search_logged_models([new[0].info.experiment_id])
-    assert {m.source_run_id for m in models} >= {run.info.run_id for run in new}
-
-
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; no browser is downloaded by a test tool
 
 
 @pytest.fixture
-def mlflow_ui(repro):
+def mlflow_ui(repro, tmp_path):
     """`mlflow ui` on the project's store, on 127.0.0.1 at a free port, as the README starts it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", "sqlite:///mlflow.db",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=repro.root, env=repro.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow ui did not start"
-                time.sleep(0.5)
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", "sqlite:///mlflow.db",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with http_service(command, f"http://127.0.0.1:{port}", repro.root, repro.env, tmp_path / "mlflow-ui.log") as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_the_mlflow_ui_shows_the_runs_and_the_manifold_gif_in_a_real_browser(repro, mlflow_ui):
@@ -259,18 +166,48 @@ def test_the_mlflow_ui_shows_the_runs_and_the_manifold_gif_in_a_real_browser(rep
     assert (repro / "reports" / "mlflow_ui.png").stat().st_size > 10_000
 
 
-def test_compare_reports_every_training_run_and_logs_the_report(repro):
-    training = len(_runs(repro))
-    out = repro.run("vaelab", "compare")
-    assert f"{training} runs compared" in out
-    folder = repro / "reports" / "compare"
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, mnist_dir):
+    """Issue 6's grid of 12, queued in a fresh project (no MLflow experiment yet) and run on two workers."""
+    project = new_project(tmp_path_factory.mktemp("sweep"), user_env(mnist_dir), epochs=1)
+    project.run("dvc", "exp", "run", "--queue", *(
+        arg for key, values in SWEEP.items() for arg in ("-S", f"{key}={','.join(map(str, values))}")))
+    project.run("dvc", "queue", "start", "-j", "2")
+    status = project.wait_for_queue()
+    assert "Failed" not in status, status
+    return project
+
+
+def test_a_queued_grid_on_two_workers_lands_every_experiment_once_and_complete(sweep):
+    experiments = sweep.run("dvc", "exp", "list", "--name-only").split()
+    assert len(experiments) == 12
+    runs = _runs(sweep)
+    grid = sorted((int(d), float(p), o) for d in SWEEP["latent_dim"] for p in SWEEP["dropout"] for o in SWEEP["optimizer"])
+    assert sorted((int(r.data.params["latent_dim"]), float(r.data.params["dropout"]), r.data.params["optimizer"])
+                  for r in runs) == grid  # none lost, none duplicated
+    assert sorted(r.data.tags["dvc.exp_name"] for r in runs) == sorted(experiments)
+    client = _client(sweep)
+    for run in runs:
+        assert run.info.status == "FINISHED" and "test_neg_elbo" in run.data.metrics
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_neg_elbo")] == [1]
+        figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures")}
+        assert {"manifold.gif", "latent_scatter.gif"} <= figures
+    models = client.search_logged_models([runs[0].info.experiment_id])
+    assert {m.source_run_id for m in models} == {run.info.run_id for run in runs}
+    assert [e.name for e in client.search_experiments()] == ["vaelab"]  # both workers found one experiment
+
+
+def test_compare_reports_every_training_run_and_logs_the_report(sweep):
+    out = sweep.run("vaelab", "compare")
+    assert "12 runs compared" in out
+    folder = sweep / "reports" / "compare"
     assert {p.name for p in folder.iterdir()} == {
         "runs.csv", "runs.md", "metrics_vs_latent_dim.png", "learning_curves.png", "manifolds.png"}
     table = pd.read_csv(folder / "runs.csv")
-    assert len(table) == training and set(table["latent_dim"]) == {2, 3, 4, 5, 6, 7, 8}
+    assert len(table) == 12 and set(table["latent_dim"]) == set(SWEEP["latent_dim"])
     assert table["test_neg_elbo"].notna().all()
-    [comparison] = [run for run in _runs(repro) if run.data.tags.get("vaelab.kind") == "comparison"]
-    logged = {Path(a.path).name for a in _client(repro).list_artifacts(comparison.info.run_id, "compare")}
+    [comparison] = [run for run in _runs(sweep) if run.data.tags.get("vaelab.kind") == "comparison"]
+    logged = {Path(a.path).name for a in _client(sweep).list_artifacts(comparison.info.run_id, "compare")}
     assert logged == {p.name for p in folder.iterdir()}
-    baseline = table.loc[table["latent_dim"] == 3, "run"].item()  # filter by a tag: one DVC experiment
-    assert "1 runs compared" in repro.run("vaelab", "compare", "--no-log", "--tag", f"dvc.exp_name={baseline}")
+    one = table["run"].iloc[0]  # filter by a tag: one DVC experiment
+    assert "1 runs compared" in sweep.run("vaelab", "compare", "--no-log", "--tag", f"dvc.exp_name={one}")
