@@ -113,6 +113,26 @@ def test_divergence_stops_training_marks_the_run_failed_and_publishes_no_model(t
     assert [run.info.status for run in runs] == ["FAILED"]
 
 
+STARTS_A_RUN = """
+from vaelab import tracking
+from vaelab.config import Params
+with tracking.training_run(Params()) as run:
+    run.log_epoch({"epoch": 1, "val_neg_elbo": 150.0})
+"""
+
+
+def test_workers_starting_together_on_a_new_sqlite_store_all_get_complete_runs_in_one_experiment(tmp_path):
+    """As `dvc queue start -j 4` does on a fresh clone: the first writers race to create MLflow's tables
+    and the experiment."""
+    workers = [subprocess.Popen([sys.executable, "-c", STARTS_A_RUN], cwd=tmp_path, env=_env(DVC_ROOT=str(tmp_path)),
+                                stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [worker.communicate(timeout=300)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0] * 4, "\n".join(errors)
+    client, runs = _runs(tmp_path)
+    assert sorted(e.name for e in client.search_experiments()) == ["Default", "vaelab"] and len(runs) == 4
+    assert all(run.info.status == "FINISHED" and run.data.metrics["val_neg_elbo"] == 150.0 for run in runs)
+
+
 def _start_and_wait_for_checkpoint(root: Path) -> subprocess.Popen:
     process = subprocess.Popen(TRAIN, cwd=root, env=_env(VAELAB_CHECKPOINT_SECONDS="0"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

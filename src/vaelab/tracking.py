@@ -90,7 +90,8 @@ def check_reachable() -> None:
 def _client() -> MlflowClient:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    with store_lock():  # opening a new SQLite store creates its tables: one process at a time
+        return MlflowClient(uri)
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
@@ -270,7 +271,7 @@ class DecoderModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.vae = load_vae(context.artifacts["weights"])
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         z = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         return self.vae.decode(z).numpy()
 
