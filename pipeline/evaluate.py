@@ -4,9 +4,9 @@ log-likelihood bound, latent diagnostics and per-digit scores, into a DVC metric
 usage: python pipeline/evaluate.py DATA_DIR MODEL_DIR METRICS_JSON EVALUATION_MD
 """
 import json
-import time
 
 import torch
+from tqdm import tqdm
 
 from vaelab import config, data, metrics, tracking
 from vaelab.model import load_vae
@@ -25,11 +25,10 @@ def main(argv):
     train_x = data.model_inputs(train.images, "none" if params.binarize == "none" else "static", "train")
 
     results = metrics.elbo_metrics(model, test_x, params.seed, labels=test.labels)
-    start = time.perf_counter()
-    print(f"importance sampling log p(x): K = {params.iwae_samples} per image, {len(test_x)} images ...", flush=True)
     torch.manual_seed(params.seed)
-    results["iwae_nll"] = -metrics.importance_log_likelihood(model, test_x, params.iwae_samples).mean().item()
-    print(f"... {time.perf_counter() - start:.0f} s")
+    with tqdm(total=len(test_x), unit="image", desc=f"log p(x), K = {params.iwae_samples}") as bar:
+        log_px = metrics.importance_log_likelihood(model, test_x, params.iwae_samples, on_progress=bar.update)
+    results["iwae_nll"] = -log_px.mean().item()
     results["elbo_gap"] = results["neg_elbo"] - results["iwae_nll"]
     results.update(metrics.latent_diagnostics(model, test_x))
     results["latent_classifier_accuracy"] = metrics.latent_classifier_accuracy(

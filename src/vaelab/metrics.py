@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -88,13 +89,14 @@ def _log_normal(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def importance_log_likelihood(model: VAE, images: torch.Tensor, samples: int,
-                              max_rows: int = 50_000) -> torch.Tensor:
+def importance_log_likelihood(model: VAE, images: torch.Tensor, samples: int, max_rows: int = 50_000,
+                              on_progress: Callable[[int], object] | None = None) -> torch.Tensor:
     """The importance-sampled estimate of log p(x) per image (Burda et al. 2015):
     logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x).
 
     Vectorised over images and samples; at most `max_rows` decoded images are held at once. With K = 1
-    this is the ELBO; it grows towards log p(x) as K grows. `model` must be in eval mode."""
+    this is the ELBO; it grows towards log p(x) as K grows. `model` must be in eval mode. `on_progress`
+    is called with the number of images done after each chunk (K = 5000 takes minutes)."""
     images_per_chunk = max(1, max_rows // samples)
     sample_chunk = min(samples, max_rows)
     estimates = []
@@ -112,6 +114,8 @@ def importance_log_likelihood(model: VAE, images: torch.Tensor, samples: int,
             log_weights.append(log_px_z + _log_normal(z, zeros, zeros) - _log_normal(z, mean.unsqueeze(1),
                                                                                    log_var.unsqueeze(1)))
         estimates.append(torch.logsumexp(torch.cat(log_weights, dim=1), dim=1) - math.log(samples))
+        if on_progress is not None:
+            on_progress(len(x))
     return torch.cat(estimates)
 
 
