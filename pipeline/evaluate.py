@@ -40,7 +40,7 @@ def main(argv):
     with atomic_file(evaluation_md) as path:
         path.write_text(metrics.evaluation_report(results, params.binarize, params.iwae_samples))
     with tracking.resumed_run(model_dir / "run.json"):
-        tracking.log_metrics(results)
+        tracking.log_metrics({**results, "iwae_samples": params.iwae_samples})  # the K of test_iwae_nll
         tracking.log_artifact(evaluation_md)
     for key in ("test_neg_elbo", "test_iwae_nll", "test_elbo_gap", "test_active_units",
                 "test_latent_classifier_accuracy", "test_mse_per_pixel"):

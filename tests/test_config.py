@@ -61,3 +61,8 @@ def test_a_stage_with_bad_params_exits_non_zero_and_writes_nothing(tmp_path):
     assert "dropout: 1.0 is out of range; expected a number in [0, 1)" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no outputs, no mlflow.db
+
+
+def test_evaluation_only_settings_are_not_part_of_a_trainings_identity():
+    assert "iwae_samples" not in Params().training_dict()
+    assert Params(iwae_samples=5000).digest() == Params().digest() != Params(latent_dim=3).digest()

@@ -97,6 +97,16 @@ def test_repro_feeds_dvc_plots(repro):
     assert "val_neg_elbo" in out and "manifold.gif" in out
 
 
+def test_changing_an_evaluation_setting_re_evaluates_into_the_same_run(repro):
+    out = repro.run("dvc", "exp", "run", "-S", "iwae_samples=30", "--name", "more-samples")
+    assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out
+    [run] = _runs(repro)
+    assert "iwae_samples" not in run.data.params  # MLflow params cannot change; K is a metric beside the bound
+    history = _client(repro).get_metric_history(run.info.run_id, "iwae_samples")
+    assert [m.value for m in history] == [SMALL["iwae_samples"], 30]
+    assert len(_client(repro).get_metric_history(run.info.run_id, "test_iwae_nll")) == 2
+
+
 def test_experiment_and_queued_experiment_land_in_the_same_store(repro):
     repro.run("dvc", "exp", "run", "-S", "latent_dim=3", "--name", "wide")
     runs = _runs(repro)

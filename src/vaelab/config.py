@@ -37,9 +37,17 @@ class Params:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def training_dict(self) -> dict[str, Any]:
+        """The settings that shape the trained model: logged as the MLflow run's parameters, which cannot
+        change afterwards, while a change to an evaluation-only setting re-runs only `evaluate`."""
+        return {k: v for k, v in self.to_dict().items() if k not in EVALUATION_ONLY}
+
     def digest(self) -> str:
-        """A short name for this exact parameter set (checkpoints and orphaned runs are found by it)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """A short name for this training (checkpoints and orphaned runs are found by it)."""
+        return hashlib.sha256(json.dumps(self.training_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+EVALUATION_ONLY = ("iwae_samples",)  # read by `evaluate` alone; it records them as metrics
 
 
 # key -> (type, check, what is allowed). bool is rejected for numbers: yaml `yes` is not a latent size.

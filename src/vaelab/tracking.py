@@ -179,7 +179,7 @@ class TrainingRun:
             else:
                 run = self.client.create_run(experiment_id, tags=tags, run_name=tags.get("mlflow.runName"))
                 self.run_id = run.info.run_id
-                params_logged = [Param(k, str(v)) for k, v in params.to_dict().items()]
+                params_logged = [Param(k, str(v)) for k, v in params.training_dict().items()]
                 self.client.log_batch(self.run_id, params=params_logged)
         self._pending: list[Metric] = []
         self._last_flush = time.monotonic()
