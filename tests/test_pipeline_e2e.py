@@ -190,7 +190,8 @@ def sweep(tmp_path_factory, mnist_dir):
 
 def test_a_queued_grid_on_two_workers_lands_every_experiment_once_and_complete(sweep):
     experiments = sweep.run("dvc", "exp", "list", "--name-only").split()
-    assert len(experiments) == 12
+    shown = sweep.run("dvc", "exp", "show", "--json")
+    assert len(experiments) == 12 and all(f'"{name}"' in shown for name in experiments)
     runs = _runs(sweep)
     grid = sorted((int(d), float(p), o) for d in SWEEP["latent_dim"] for p in SWEEP["dropout"] for o in SWEEP["optimizer"])
     assert sorted((int(r.data.params["latent_dim"]), float(r.data.params["dropout"]), r.data.params["optimizer"])
