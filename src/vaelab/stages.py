@@ -69,15 +69,17 @@ def check_writable(*outputs: Path) -> None:
 
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it becomes `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; it becomes `path` only if the block succeeds.
+
+    The temporary file has `path`'s own name, in a temporary folder: `torch.save` records the file name
+    inside the archive, and the same data must give the same bytes (and DVC hash) on every run."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        yield Path(temporary)
-        os.replace(temporary, path)
+        yield folder / path.name
+        os.replace(folder / path.name, path)
     finally:
-        Path(temporary).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager
