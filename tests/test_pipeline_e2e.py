@@ -3,6 +3,7 @@ the repository root), on real MNIST: `dvc repro`, `dvc exp run`, a queued experi
 two workers, `vaelab compare`, and the MLflow UI in a real browser."""
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -222,3 +223,7 @@ def test_compare_reports_every_training_run_and_logs_the_report(sweep):
     assert logged == {p.name for p in folder.iterdir()}
     one = table["run"].iloc[0]  # filter by a tag: one DVC experiment
     assert "1 runs compared" in sweep.run("vaelab", "compare", "--no-log", "--tag", f"dvc.exp_name={one}")
+    nothing = subprocess.run(["vaelab", "compare", "--tag", "dvc.exp_name=none-such"], cwd=sweep.root, env=sweep.env,
+                             capture_output=True, text=True)
+    assert nothing.returncode == 2 and "error: no finished training runs" in nothing.stderr
+    assert "Traceback" not in nothing.stderr

@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vaelab import tracking  # noqa: E402
+from vaelab.stages import StageError  # noqa: E402
 
 PARAMS = ["latent_dim", "dropout", "optimizer", "lr", "batch_size", "epochs", "seed", "binarize"]
 FINAL_METRICS = ["test_neg_elbo", "test_iwae_nll", "test_elbo_gap", "test_active_units",
@@ -120,10 +121,11 @@ def manifolds(frame: pd.DataFrame, path: Path) -> Path:
 def compare(experiment: str, tags: dict[str, str], out: Path, log: bool = True) -> pd.DataFrame:
     tracking.check_reachable()
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    frame = table(training_runs(experiment, tags))
-    if frame.empty:
-        raise SystemExit(f"no finished training runs in experiment {experiment!r}"
+    runs = training_runs(experiment, tags)
+    if runs.empty:
+        raise StageError(f"no finished training runs in experiment {experiment!r}"
                          + (f" with tags {tags}" if tags else ""))
+    frame = table(runs)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "runs.csv", index=False)
     (out / "runs.md").write_text(_markdown(frame))

@@ -18,6 +18,9 @@ class ParamsError(ValueError):
     """A bad value in params.yaml; the message names the key, the value and what is allowed."""
 
 
+EVALUATION_ONLY = ("iwae_samples",)  # read by `evaluate` alone; it records them as metrics
+
+
 @dataclass(frozen=True)
 class Params:
     """The experiment's settings; defaults are the seed's, except `epochs` (see README)."""
@@ -45,9 +48,6 @@ class Params:
     def digest(self) -> str:
         """A short name for this training (checkpoints and orphaned runs are found by it)."""
         return hashlib.sha256(json.dumps(self.training_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-EVALUATION_ONLY = ("iwae_samples",)  # read by `evaluate` alone; it records them as metrics
 
 
 # key -> (type, check, what is allowed). bool is rejected for numbers: yaml `yes` is not a latent size.
