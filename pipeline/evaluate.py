@@ -5,7 +5,6 @@ usage: python pipeline/evaluate.py DATA_DIR MODEL_DIR METRICS_JSON EVALUATION_MD
 """
 import json
 
-import torch
 from tqdm import tqdm
 
 from vaelab import config, data, metrics, tracking
@@ -24,16 +23,9 @@ def main(argv):
     test_x = data.model_inputs(test.images, params.binarize, "test")
     train_x = data.model_inputs(train.images, "none" if params.binarize == "none" else "static", "train")
 
-    results = metrics.elbo_metrics(model, test_x, params.seed, labels=test.labels)
-    torch.manual_seed(params.seed)
     with tqdm(total=len(test_x), unit="image", desc=f"log p(x), K = {params.iwae_samples}") as bar:
-        log_px = metrics.importance_log_likelihood(model, test_x, params.iwae_samples, on_progress=bar.update)
-    results["iwae_nll"] = -log_px.mean().item()
-    results["elbo_gap"] = results["neg_elbo"] - results["iwae_nll"]
-    results.update(metrics.latent_diagnostics(model, test_x))
-    results["latent_classifier_accuracy"] = metrics.latent_classifier_accuracy(
-        model, train_x, train.labels, test_x, test.labels)
-    results = {f"test_{k}": v for k, v in results.items()}
+        results = metrics.test_results(model, test_x, test.labels, train_x, train.labels, params.seed,
+                                       params.iwae_samples, on_progress=bar.update)
 
     with atomic_file(metrics_json) as path:
         path.write_text(json.dumps(results, indent=2) + "\n")

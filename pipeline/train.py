@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from vaelab import config, data, tracking, training
 from vaelab.model import save_vae
-from vaelab.stages import atomic_file, check_writable, paths, project_root, run_stage
+from vaelab.stages import StageError, atomic_file, check_writable, paths, project_root, run_stage
 
 CHECKPOINT_SECONDS = float(os.environ.get("VAELAB_CHECKPOINT_SECONDS", 60))
 
@@ -49,9 +49,9 @@ def main(argv):
                 data.model_inputs(snapshot_set.images, params.binarize, "test"),
                 on_epoch=on_epoch, checkpointing=checkpointing,
             )
-        except training.TrainingDiverged:
+        except training.TrainingDiverged as diverged:
             shutil.rmtree(checkpoint_dir)  # resuming would only diverge again
-            raise
+            raise StageError(str(diverged)) from None
         bar.update(params.epochs - bar.n)  # epochs restored from a checkpoint
         with atomic_file(model_dir / "snapshots.pt") as path:
             torch.save(result.snapshots.to_dict(snapshot_set.labels), path)

@@ -7,6 +7,8 @@ import torch
 from vaelab.backprop import FastStep
 from vaelab.model import VAE, ModelConfig, negative_elbo, SEED_LOSS_SCALE
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
 
 def _autograd_step(model: VAE, x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
     """The seed's loss through the nn.Module's own layers, with the given dropout masks."""
@@ -22,12 +24,13 @@ def _autograd_step(model: VAE, x: torch.Tensor, masks: list[torch.Tensor]) -> to
     return torch.stack([t.sum() for t in terms]).detach()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dropout, latent_dim", [(0.3, 2), (0.0, 5)])
-def test_gradients_statistics_and_batchnorm_state_match_autograd(mnist, dropout, latent_dim):
+def test_gradients_statistics_and_batchnorm_state_match_autograd(mnist, dropout, latent_dim, device):
     torch.manual_seed(0)
-    model = VAE(ModelConfig(latent_dim, dropout)).train()
+    model = VAE(ModelConfig(latent_dim, dropout)).to(device).train()
     reference = copy.deepcopy(model)
-    x = mnist["train"].images[:300].reshape(300, -1).float() / 255
+    x = (mnist["train"].images[:300].reshape(300, -1).float() / 255).to(device)
     step = FastStep(model)
     masks = step._masks(len(x))
     step._masks = lambda batch: masks
@@ -44,8 +47,9 @@ def test_gradients_statistics_and_batchnorm_state_match_autograd(mnist, dropout,
         torch.testing.assert_close(fast, slow, msg=name)
 
 
-def test_dropout_masks_keep_the_expected_fraction():
-    model = VAE(ModelConfig(2, 0.3)).train()
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_masks_keep_the_expected_fraction(device):
+    model = VAE(ModelConfig(2, 0.3)).to(device).train()
     masks = FastStep(model)._masks(500)
     assert [m.shape for m in masks] == [(500, 256), (500, 128), (500, 128), (500, 256)]
     values = torch.cat([m.flatten() for m in masks])

@@ -98,6 +98,21 @@ def test_repro_feeds_dvc_plots(repro):
     assert "val_neg_elbo" in out and "manifold.gif" in out
 
 
+def test_editing_library_code_marks_exactly_the_stages_that_run_it(repro):
+    assert json.loads(repro.run("dvc", "status", "--json")) == {}
+    changed = {}
+    for module in ("figures.py", "backprop.py"):
+        path = repro / "src" / "vaelab" / module
+        original = path.read_text()
+        try:
+            path.write_text(original + "# an edit\n")
+            changed[module] = set(json.loads(repro.run("dvc", "status", "--json")))
+        finally:
+            path.write_text(original)
+    assert changed == {"figures.py": {"render"}, "backprop.py": {"train", "render"}}
+    assert json.loads(repro.run("dvc", "status", "--json")) == {}
+
+
 def test_changing_an_evaluation_setting_re_evaluates_into_the_same_run(repro):
     out = repro.run("dvc", "exp", "run", "-S", "iwae_samples=30", "--name", "more-samples")
     assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out

@@ -1,4 +1,7 @@
 """The training loop: the seed's snapshot schedule, seeded reproducibility, the history it records."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +79,23 @@ def test_a_diverging_run_stops_naming_epoch_and_step(mnist):
     images = data.to_float(mnist["train"].images[:1000])
     with pytest.raises(TrainingDiverged, match=r"at epoch 1, step \d+ of 8"):
         train(Params(epochs=3, batch_size=100, lr=10.0, device="cpu"), images[:800], images[800:], images[:300])
+
+
+def test_training_and_the_benchmarks_timing_run_on_a_box_with_pytorch_alone(mnist_dir):
+    """A GPU machine may have PyTorch and nothing else: no MLflow, DVC, YAML, matplotlib or NumPy."""
+    script = f"""
+import sys
+for name in ("mlflow", "dvc", "yaml", "matplotlib", "numpy", "pandas", "tqdm", "PIL"):
+    sys.modules[name] = None  # importing any of these now fails
+from pathlib import Path
+from vaelab import bench, data, training
+from vaelab.config import Params
+images = data.to_float(data.read_mnist({{n: Path({str(mnist_dir)!r}) / n for n in data.FILES}})["train"].images[:600])
+params = Params(epochs=2, batch_size=100, device="cpu")
+result = training.train(params, images[:500], images[500:], images[:50])
+seconds, logging_share, wall, _ = bench.project_epoch_seconds(params, images[:500], images[500:], images[:50], Path("x"))
+print(len(result.history), len(seconds), logging_share)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "2", "None"]  # two epochs trained and timed, no logging share

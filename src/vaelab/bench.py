@@ -1,11 +1,12 @@
 """Benchmark: the project's training epoch against a straightforward PyTorch loop, in one run.
 
-    python -m vaelab.bench [--rounds 3] [--epochs 3] [--out reports/bench.json]
+    python -m vaelab.bench [--device auto] [--rounds 3] [--epochs 3] [--baseline-epochs N] [--out reports/bench.json]
 
 The baseline is what a user would write: the same model, in-memory tensors, nn.Dropout, autograd and the
 default torch.optim.Adam. The project's epoch is timed as the train stage runs it: validation, snapshots
 and MLflow logging (to a throwaway SQLite store) included. Both are timed in alternating rounds and the
-medians reported, since a shared machine's speed drifts.
+medians reported, since a shared machine's speed drifts. Where MLflow is not installed (a bare GPU box with
+torch alone), the project's epochs are timed without logging and the report says so.
 """
 from __future__ import annotations
 
@@ -20,14 +21,16 @@ from pathlib import Path
 
 import torch
 
-from vaelab import data, figures, metrics, training
+from vaelab import data, metrics, training
 from vaelab.config import Params
 from vaelab.model import IMAGE_PIXELS, SEED_LOSS_SCALE, VAE, ModelConfig
 
 HIDDEN = (256, 128)  # the seed's layer widths, encoder order; the decoder mirrors them
 
 
-def processor_name() -> str:
+def processor_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -37,14 +40,23 @@ def processor_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """This machine's float32 matrix-multiply rate: the median of `repeats` size^3 products."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that the clock measures it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """The device's float32 matrix-multiply rate (TF32 as PyTorch's settings allow): the median of
+    `repeats` size^3 products."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times) / 1e9
 
@@ -60,12 +72,14 @@ def training_gflop_per_epoch(latent_dim: int, images: int) -> float:
 def baseline_epoch_seconds(params: Params, images: torch.Tensor, epochs: int) -> list[float]:
     """The straightforward loop: autograd through the nn.Module, default Adam, shuffled in-memory batches."""
     torch.manual_seed(params.seed)
-    model = VAE(ModelConfig(params.latent_dim, params.dropout)).train()
+    device = images.device
+    model = VAE(ModelConfig(params.latent_dim, params.dropout)).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
     seconds = []
     for _ in range(epochs):
+        synchronize(device)
         start = time.perf_counter()
-        for index in torch.randperm(len(images)).split(params.batch_size):
+        for index in torch.randperm(len(images), device=device).split(params.batch_size):
             x = images[index]
             logits, mean, log_var = model(x)
             reconstruction = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none")
@@ -74,34 +88,51 @@ def baseline_epoch_seconds(params: Params, images: torch.Tensor, epochs: int) ->
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
     return seconds
 
 
-def project_epoch_seconds(params: Params, train_x, val_x, snapshot_x, store: Path):
-    """Epoch times of `training.train` with the train stage's MLflow logging, and the logging's share."""
+def _training_run(params: Params, store: Path):
+    """The train stage's MLflow run on a throwaway store, or None where MLflow is not installed."""
+    try:
+        import mlflow  # noqa: F401  (only to learn whether it is there)
+    except ImportError:
+        return None
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
-    from vaelab import tracking  # MLflow is imported only when the benchmark needs it
+    from vaelab import tracking
 
-    run = tracking.TrainingRun(params)
+    return tracking.TrainingRun(params)
+
+
+def project_epoch_seconds(params: Params, train_x, val_x, snapshot_x, store: Path):
+    """Epoch times of `training.train` with the train stage's MLflow logging, the logging's share of the
+    wall time (None without MLflow), the whole training's wall time, and its result. Each epoch ends with
+    the validation loss read back to the host, so the stamps include all of the device's work."""
+    run = _training_run(params, store)
     stamps, logging = [time.perf_counter()], [0.0]
 
     def on_epoch(row):
         start = time.perf_counter()
-        run.log_epoch(row)
+        if run is not None:
+            run.log_epoch(row)
         logging[0] += time.perf_counter() - start
         stamps.append(time.perf_counter())
 
     result = training.train(params, train_x, val_x, snapshot_x, on_epoch=on_epoch)
     start = time.perf_counter()
-    run.end("FINISHED")
+    if run is not None:
+        run.end("FINISHED")
     logging[0] += time.perf_counter() - start
     wall = time.perf_counter() - stamps[0]
-    return [b - a for a, b in zip(stamps, stamps[1:])], logging[0] / wall, result
+    share = logging[0] / wall if run is not None else None
+    return [b - a for a, b in zip(stamps, stamps[1:])], share, wall, result
 
 
 def render_seconds(result, labels: torch.Tensor, test_x: torch.Tensor, frames: int, folder: Path) -> float:
     """The render stage's figures, with the animation length of a default run."""
+    from vaelab import figures  # matplotlib: imported only here, so the rest runs with PyTorch alone
+
     snapshots = result.snapshots
     manifolds = torch.stack((snapshots.manifolds * frames)[:frames]).numpy()
     means = torch.stack((snapshots.latent_means * frames)[:frames]).numpy()
@@ -127,41 +158,51 @@ def _load_splits(data_dir: Path) -> dict[str, data.Split]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="alternating baseline/project rounds")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs timed per round and loop")
+    parser.add_argument("--epochs", type=int, default=3, help="the project's epochs per round")
+    parser.add_argument("--baseline-epochs", type=int, help="the baseline's epochs per round (default: --epochs)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--data", type=Path, default=Path("data/prepared"))
     parser.add_argument("--out", type=Path, default=Path("reports/bench.json"))
     args = parser.parse_args(argv)
 
-    params = Params(device="cpu", epochs=args.epochs)
+    device = training.resolve_device(args.device)
+    params = Params(device=device.type, epochs=args.epochs)
     splits = _load_splits(args.data)
     train_x, val_x, test_x = (data.to_float(splits[name].images) for name in data.SPLITS)
     snapshot = slice(0, training.SNAPSHOT_IMAGES)
-    print(f"{processor_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    peak = matmul_gflops()
+    print(f"{processor_name(device)}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    peak = matmul_gflops(device)
     print(f"matrix multiply: {peak:.0f} GFLOP/s")
 
     baseline, project, logging_share = [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.rounds):
-            baseline += baseline_epoch_seconds(params, train_x, args.epochs)
-            seconds, share, result = project_epoch_seconds(params, train_x, val_x, test_x[snapshot],
-                                                           Path(scratch) / "mlflow.db")
+            baseline += baseline_epoch_seconds(params, train_x.to(device), args.baseline_epochs or args.epochs)
+            seconds, share, train_wall, result = project_epoch_seconds(
+                params, train_x, val_x, test_x[snapshot], Path(scratch) / "mlflow.db")
             project += seconds
             logging_share.append(share)
             print(f"round {round_ + 1}: baseline {statistics.median(baseline):.3f} s/epoch, "
                   f"project {statistics.median(project):.3f} s/epoch")
         start = time.perf_counter()
-        metrics.elbo_metrics(result.model, test_x, params.seed)
+        metrics.test_results(result.model, test_x, splits["test"].labels, train_x, splits["train"].labels,
+                             params.seed, params.iwae_samples)
         evaluate = time.perf_counter() - start
         frames = len(training.snapshot_epochs(Params().epochs))
-        render = render_seconds(result, splits["test"].labels[snapshot], test_x, frames, Path(scratch))
+        try:
+            render = render_seconds(result, splits["test"].labels[snapshot], test_x, frames, Path(scratch))
+        except ImportError as missing:  # a bare GPU box without matplotlib
+            print(f"render not timed: {missing}")
+            render = None
 
     gflop = training_gflop_per_epoch(params.latent_dim, len(train_x))
     base_s, proj_s = statistics.median(baseline), statistics.median(project)
     report = {
-        "machine": {"processor": processor_name(), "threads": torch.get_num_threads(),
+        "machine": {"processor": processor_name(device), "device": device.type, "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "matmul_gflops": round(peak, 1)},
         "images_per_epoch": len(train_x),
+        "project_epochs_per_round": args.epochs,
+        "project_train_s": round(train_wall, 2),
         "baseline_s_per_epoch": round(base_s, 4),
         "project_s_per_epoch": round(proj_s, 4),
         "ratio": round(proj_s / base_s, 3),
@@ -170,9 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
         "gflop_per_epoch": round(gflop, 1),
         "project_gflops": round(gflop / proj_s, 1),
         "project_fraction_of_matmul_peak": round(gflop / proj_s / peak, 3),
-        "mlflow_logging_share": round(max(logging_share), 4),
+        "mlflow_logging_share": None if None in logging_share else round(max(logging_share), 4),
         "evaluate_s": round(evaluate, 3),
-        "render_s": round(render, 2),
+        "render_s": None if render is None else round(render, 2),
         "render_frames": frames,
     }
     for key, value in report.items():

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 MNIST_TRAIN_SIZE = 60_000
 
 
@@ -97,6 +95,8 @@ def validate(raw: Any) -> Params:
 
 def load(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; a missing key takes its default."""
+    import yaml  # here, so that the training core imports with PyTorch alone (a bare GPU box)
+
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())

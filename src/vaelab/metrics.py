@@ -119,6 +119,20 @@ def importance_log_likelihood(model: VAE, images: torch.Tensor, samples: int, ma
     return torch.cat(estimates)
 
 
+def test_results(model: VAE, test_x, test_labels, train_x, train_labels, seed: int, iwae_samples: int,
+                 on_progress: Callable[[int], object] | None = None) -> dict[str, float]:
+    """Everything the evaluate stage reports, keyed `test_<name>`: the ELBO metrics, the importance-sampled
+    -log p(x) with K = `iwae_samples` and its gap to the ELBO, the latent diagnostics and the latent
+    classifier's accuracy. `model` must be in eval mode."""
+    results = elbo_metrics(model, test_x, seed, labels=test_labels)
+    torch.manual_seed(seed)
+    results["iwae_nll"] = -importance_log_likelihood(model, test_x, iwae_samples, on_progress=on_progress).mean().item()
+    results["elbo_gap"] = results["neg_elbo"] - results["iwae_nll"]
+    results.update(latent_diagnostics(model, test_x))
+    results["latent_classifier_accuracy"] = latent_classifier_accuracy(model, train_x, train_labels, test_x, test_labels)
+    return {f"test_{k}": v for k, v in results.items()}
+
+
 def evaluation_report(results: dict[str, float], binarize: str, samples: int) -> str:
     """reports/evaluation.md: what each test number means, and its caveats."""
     proper = binarize != "none"

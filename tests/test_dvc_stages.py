@@ -1,0 +1,64 @@
+"""dvc.yaml against the code: each stage runs its own script, and depends on exactly the library modules
+that script imports (directly or through other modules), so editing any code a stage runs re-runs it, and
+editing code it does not run leaves it cached."""
+import ast
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = ROOT / "src" / "vaelab"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Names of the vaelab modules `path` imports, anywhere in the file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names if alias.name.split(".")[0] == "vaelab"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "vaelab":
+            names.add(node.module)
+            if node.module == "vaelab":  # `from vaelab import config` imports a module
+                names |= {f"vaelab.{alias.name}" for alias in node.names if (LIBRARY / f"{alias.name}.py").exists()}
+    return names
+
+
+def _module_file(name: str) -> Path:
+    parts = name.split(".")[1:]
+    return LIBRARY.joinpath(*parts).with_suffix(".py") if parts else LIBRARY / "__init__.py"
+
+
+def library_closure(script: Path) -> set[str]:
+    """Repository paths of every vaelab file that running `script` executes (the package's __init__ too)."""
+    seen, todo = set(), _imported_modules(script)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo |= {"vaelab"} | _imported_modules(_module_file(name))
+    return {_module_file(name).relative_to(ROOT).as_posix() for name in seen}
+
+
+def _stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_stages_map_one_to_one_onto_pipeline_scripts():
+    scripts = {name: stage["cmd"].split()[1] for name, stage in _stages().items()}
+    assert scripts == {path.stem: f"pipeline/{path.name}" for path in (ROOT / "pipeline").glob("*.py")}
+    for name, stage in _stages().items():
+        assert scripts[name] in stage["deps"], f"stage {name} does not depend on its own script"
+
+
+def test_each_stage_depends_on_exactly_the_library_code_it_runs():
+    for name, stage in _stages().items():
+        script = stage["cmd"].split()[1]
+        declared = {dep for dep in stage["deps"] if dep.startswith("src/")}
+        assert declared == library_closure(ROOT / script), f"stage {name}: deps in dvc.yaml"
+
+
+def test_the_closure_follows_imports_through_other_modules():
+    # train.py imports training, which imports backprop: the training maths must re-run train
+    assert "src/vaelab/backprop.py" in library_closure(ROOT / "pipeline" / "train.py")
+    assert "src/vaelab/backprop.py" not in library_closure(ROOT / "pipeline" / "prepare.py")
