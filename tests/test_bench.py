@@ -1,8 +1,9 @@
-"""The benchmark's FLOP count, which its GFLOP/s figure rests on, against PyTorch's own counter."""
+"""The benchmark's FLOP count, which its GFLOP/s figure rests on, against PyTorch's own counter; its arguments."""
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vaelab.bench import training_gflop_per_epoch
+from vaelab.bench import main, training_gflop_per_epoch
 from vaelab.model import VAE, ModelConfig, negative_elbo
 
 
@@ -13,3 +14,16 @@ def test_flop_count_matches_pytorchs_counter_for_one_training_step():
         logits, mean, log_var = model(x)
         negative_elbo(logits, x, mean, log_var)[0].mean().backward()
     assert counter.get_total_flops() == training_gflop_per_epoch(8, 100) * 1e9
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--rounds", "0"], "--rounds: '0' is not a whole number of at least 1"),
+    (["--epochs", "two"], "--epochs: 'two' is not a whole number of at least 1"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+])
+def test_bad_arguments_exit_2_naming_the_problem_and_write_nothing(tmp_path, capsys, arguments, message):
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as exit_:
+        main([*arguments, "--out", str(out)])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()

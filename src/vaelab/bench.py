@@ -155,15 +155,23 @@ def _load_splits(data_dir: Path) -> dict[str, data.Split]:
     return data.prepare(Path("data/raw"), val_size=Params().val_size, seed=Params().seed)
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="alternating baseline/project rounds")
-    parser.add_argument("--epochs", type=int, default=3, help="the project's epochs per round")
-    parser.add_argument("--baseline-epochs", type=int, help="the baseline's epochs per round (default: --epochs)")
+    parser.add_argument("--rounds", type=_positive, default=3, help="alternating baseline/project rounds")
+    parser.add_argument("--epochs", type=_positive, default=3, help="the project's epochs per round")
+    parser.add_argument("--baseline-epochs", type=_positive, help="the baseline's epochs per round (default: --epochs)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--data", type=Path, default=Path("data/prepared"))
     parser.add_argument("--out", type=Path, default=Path("reports/bench.json"))
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: PyTorch sees no CUDA GPU; use auto or cpu")
 
     device = training.resolve_device(args.device)
     params = Params(device=device.type, epochs=args.epochs)
