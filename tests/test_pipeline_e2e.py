@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from projects import SMALL, Project, free_port, http_service, new_project, user_env
@@ -78,6 +79,7 @@ def test_repro_logs_one_complete_mlflow_run(repro):
     assert run.data.params["latent_dim"] == "2" and run.data.params["optimizer"] == "adam"
     assert run.data.params["epochs"] == "3" and run.data.params["dropout"] == "0.3"
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    assert run.data.tags["vaelab.torch_threads"] == str(torch.get_num_threads())
     client = _client(repro)
     history = client.get_metric_history(run.info.run_id, "val_neg_elbo")
     assert [m.step for m in history] == [1, 2, 3]
@@ -194,11 +196,12 @@ def test_the_mlflow_ui_shows_the_runs_and_the_manifold_gif_in_a_real_browser(rep
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, mnist_dir):
-    """Issue 6's grid of 12, queued in a fresh project (no MLflow experiment yet) and run on two workers."""
+    """Issue 6's grid of 12, queued in a fresh project (no MLflow experiment yet) and run on two workers of
+    one CPU thread each, as the README advises for a 2-core machine."""
     project = new_project(tmp_path_factory.mktemp("sweep"), user_env(mnist_dir), epochs=1)
     project.run("dvc", "exp", "run", "--queue", *(
         arg for key, values in SWEEP.items() for arg in ("-S", f"{key}={','.join(map(str, values))}")))
-    project.run("dvc", "queue", "start", "-j", "2")
+    Project(project.root, dict(project.env, OMP_NUM_THREADS="1")).run("dvc", "queue", "start", "-j", "2")
     status = project.wait_for_queue()
     assert "Failed" not in status, status
     return project
@@ -213,6 +216,7 @@ def test_a_queued_grid_on_two_workers_lands_every_experiment_once_and_complete(s
     assert sorted((int(r.data.params["latent_dim"]), float(r.data.params["dropout"]), r.data.params["optimizer"])
                   for r in runs) == grid  # none lost, none duplicated
     assert sorted(r.data.tags["dvc.exp_name"] for r in runs) == sorted(experiments)
+    assert {r.data.tags["vaelab.torch_threads"] for r in runs} == {"1"}  # OMP_NUM_THREADS reached every worker
     client = _client(sweep)
     for run in runs:
         assert run.info.status == "FINISHED" and "test_neg_elbo" in run.data.metrics

@@ -34,6 +34,7 @@ STORE_FILE = "mlflow.db"  # MLflow's own default name for a SQLite store
 ARTIFACT_DIR = "mlartifacts"  # beside the SQLite store, as `mlflow server` names it
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3 opens other experiments in its GenAI view
 PARAMS_TAG, HOST_TAG, PID_TAG = "vaelab.params_digest", "vaelab.host", "vaelab.pid"
+THREADS_TAG = "vaelab.torch_threads"  # CPU threads of the run (OMP_NUM_THREADS): speed and float rounding
 REACHABLE_TIMEOUT_S = 5
 # Fail in seconds, not after minutes of MLflow's default retries, when a tracking server goes away.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -123,8 +124,10 @@ def _git_commit() -> str | None:
 
 
 def run_tags(params: Params) -> dict[str, str]:
-    """The git commit, who runs it, and under `dvc exp run` the DVC experiment's name and baseline."""
-    tags = {PARAMS_TAG: params.digest(), HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    """The git commit, who runs it with how many CPU threads, and under `dvc exp run` the DVC experiment's
+    name and baseline."""
+    tags = {PARAMS_TAG: params.digest(), HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+            THREADS_TAG: str(torch.get_num_threads())}
     if commit := _git_commit():
         tags["mlflow.source.git.commit"] = commit
     if name := os.environ.get("DVC_EXP_NAME"):
