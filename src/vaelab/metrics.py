@@ -126,10 +126,12 @@ def test_results(model: VAE, test_x, test_labels, train_x, train_labels, seed: i
     classifier's accuracy. `model` must be in eval mode."""
     results = elbo_metrics(model, test_x, seed, labels=test_labels)
     torch.manual_seed(seed)
-    results["iwae_nll"] = -importance_log_likelihood(model, test_x, iwae_samples, on_progress=on_progress).mean().item()
+    log_px = importance_log_likelihood(model, test_x, iwae_samples, on_progress=on_progress)
+    results["iwae_nll"] = -log_px.mean().item()
     results["elbo_gap"] = results["neg_elbo"] - results["iwae_nll"]
     results.update(latent_diagnostics(model, test_x))
-    results["latent_classifier_accuracy"] = latent_classifier_accuracy(model, train_x, train_labels, test_x, test_labels)
+    results["latent_classifier_accuracy"] = latent_classifier_accuracy(
+        model, train_x, train_labels, test_x, test_labels)
     return {f"test_{k}": v for k, v in results.items()}
 
 
