@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export VAELAB_MNIST_MIRROR ?= $(abspath $(wildcard ../shared/mnist))
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test bench ui clean-venv
+.PHONY: setup repro test bench gpu-check ui clean-venv
 
 setup: $(VENV)/.installed
 
@@ -30,3 +30,6 @@ clean-venv:
 
 bench: setup  ## the training epoch against a plain PyTorch loop; writes reports/bench.json
 	python -m vaelab.bench
+
+gpu-check:  ## on a GPU machine, PyTorch alone needed: the CUDA tests, the seed's 1000 epochs and the evaluation timed; reports/gpu.json
+	PYTHONPATH=src python3 -m vaelab.gpu_check

@@ -8,7 +8,7 @@ import json
 from tqdm import tqdm
 
 from vaelab import config, data, metrics, tracking
-from vaelab.model import load_vae
+from vaelab.model import load_vae, resolve_device
 from vaelab.stages import atomic_file, check_writable, paths, run_stage
 
 
@@ -18,13 +18,15 @@ def main(argv):
                                                              "EVALUATION_MD")
     check_writable(metrics_json, evaluation_md)
     tracking.check_reachable()
-    model = load_vae(model_dir / "vae.pt")
+    device = resolve_device(params.device)
+    model = load_vae(model_dir / "vae.pt").to(device)
     train, test = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
     test_x = data.model_inputs(test.images, params.binarize, "test")
     train_x = data.model_inputs(train.images, "none" if params.binarize == "none" else "static", "train")
+    test_x, test_labels, train_x, train_labels = (t.to(device) for t in (test_x, test.labels, train_x, train.labels))
 
-    with tqdm(total=len(test_x), unit="image", desc=f"log p(x), K = {params.iwae_samples}") as bar:
-        results = metrics.test_results(model, test_x, test.labels, train_x, train.labels, params.seed,
+    with tqdm(total=len(test_x), unit="image", desc=f"log p(x), K = {params.iwae_samples}, on {device}") as bar:
+        results = metrics.test_results(model, test_x, test_labels, train_x, train_labels, params.seed,
                                        params.iwae_samples, on_progress=bar.update)
 
     with atomic_file(metrics_json) as path:

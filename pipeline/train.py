@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from vaelab import config, data, tracking, training
-from vaelab.model import save_vae
+from vaelab.model import resolve_device, save_vae
 from vaelab.stages import StageError, atomic_file, check_writable, paths, project_root, run_stage
 
 CHECKPOINT_SECONDS = float(os.environ.get("VAELAB_CHECKPOINT_SECONDS", 60))
@@ -22,7 +22,7 @@ def main(argv):
     params = config.load()
     data_dir, model_dir, history_csv = paths(argv, "DATA_DIR", "MODEL_DIR", "HISTORY_CSV")
     check_writable(model_dir, history_csv)
-    device = training.resolve_device(params.device)
+    device = resolve_device(params.device)
     tracking.check_reachable()
     train_set, val_set, test_set = (data.load_split(data_dir, name) for name in data.SPLITS)
     snapshot_set = data.Split(*(t[: training.SNAPSHOT_IMAGES] for t in (test_set.images, test_set.labels)))

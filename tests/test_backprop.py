@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from vaelab.backprop import FastStep
-from vaelab.model import VAE, ModelConfig, negative_elbo, SEED_LOSS_SCALE
+from vaelab.model import VAE, ModelConfig, negative_elbo, SEED_LOSS_SCALE, training_objective
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
 
 
-def _autograd_step(model: VAE, x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-    """The seed's loss through the nn.Module's own layers, with the given dropout masks."""
+def _autograd_step(model: VAE, x: torch.Tensor, masks: list[torch.Tensor], kl_weight: float) -> torch.Tensor:
+    """The seed's loss (with the KL term weighted) through the nn.Module's own layers, with the given
+    dropout masks."""
     enc, dec = model.encoder.body, model.decoder.net
     h = enc[2](enc[1](enc[0](x))) * masks[0]
     h = enc[6](enc[5](enc[4](h))) * masks[1]
@@ -20,25 +21,25 @@ def _autograd_step(model: VAE, x: torch.Tensor, masks: list[torch.Tensor]) -> to
     d = dec[2](dec[1](dec[0](z))) * masks[2]
     d = dec[6](dec[5](dec[4](d))) * masks[3]
     terms = negative_elbo(dec[8](d), x, mean, log_var)
-    (terms[0].mean() / SEED_LOSS_SCALE).backward()
+    (training_objective(terms[1], terms[2], kl_weight).mean() / SEED_LOSS_SCALE).backward()
     return torch.stack([t.sum() for t in terms]).detach()
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dropout, latent_dim", [(0.3, 2), (0.0, 5)])
-def test_gradients_statistics_and_batchnorm_state_match_autograd(mnist, dropout, latent_dim, device):
+@pytest.mark.parametrize("dropout, latent_dim, kl_weight", [(0.3, 2, 1.0), (0.0, 5, 1.0), (0.3, 4, 0.25), (0.0, 3, 4.0)])
+def test_gradients_statistics_and_batchnorm_state_match_autograd(mnist, dropout, latent_dim, kl_weight, device):
     torch.manual_seed(0)
     model = VAE(ModelConfig(latent_dim, dropout)).to(device).train()
     reference = copy.deepcopy(model)
     x = (mnist["train"].images[:300].reshape(300, -1).float() / 255).to(device)
-    step = FastStep(model)
+    step = FastStep(model, kl_weight)
     masks = step._masks(len(x))
     step._masks = lambda batch: masks
 
     torch.manual_seed(1)
     fast_totals = step(x)
     torch.manual_seed(1)
-    reference_totals = _autograd_step(reference, x, masks)
+    reference_totals = _autograd_step(reference, x, masks, kl_weight)
 
     torch.testing.assert_close(fast_totals, reference_totals, rtol=1e-5, atol=1e-3)
     for (name, fast), slow in zip(model.named_parameters(), reference.parameters()):

@@ -16,6 +16,7 @@ def test_repository_params_are_the_seeds_settings():
     assert (params.latent_dim, params.dropout, params.optimizer, params.lr, params.batch_size) == (
         2, 0.3, "adam", 1e-4, 500)
     assert params.device == "auto"
+    assert (params.lr_schedule, params.beta, params.kl_warmup_epochs) == ("constant", 1.0, 0)
 
 
 def test_missing_keys_take_defaults_and_ints_are_accepted_as_floats():
@@ -41,6 +42,11 @@ def test_missing_keys_take_defaults_and_ints_are_accepted_as_floats():
         ({"epochs": 0}, ["epochs", "0", "from 1"]),
         ({"device": "tpu"}, ["device", "'tpu'", "auto, cpu, cuda"]),
         ({"val_size": 0}, ["val_size", "0"]),
+        ({"lr_schedule": "step"}, ["lr_schedule", "'step'", "constant, burda, cosine"]),
+        ({"beta": -1}, ["beta", "-1.0", "[0, 1000]"]),
+        ({"beta": "high"}, ["beta", "'high'"]),
+        ({"kl_warmup_epochs": -5}, ["kl_warmup_epochs", "-5", "from 0"]),
+        ({"kl_warmup_epochs": 2.5}, ["kl_warmup_epochs", "2.5"]),
         ([1, 2], ["mapping"]),
     ],
 )

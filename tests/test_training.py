@@ -1,4 +1,5 @@
 """The training loop: the seed's snapshot schedule, seeded reproducibility, the history it records."""
+import math
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import torch
 
 from vaelab import data
 from vaelab.config import Params
-from vaelab.training import Checkpointing, TrainingDiverged, snapshot_epochs, train
+from vaelab.training import Checkpointing, TrainingDiverged, kl_weight, learning_rate, snapshot_epochs, train
 
 
 def test_snapshot_schedule_for_1000_epochs_is_the_seeds():
@@ -24,18 +25,74 @@ def test_snapshot_schedule_is_dense_early_and_ends_at_the_last_epoch():
         assert len(chosen) <= 70 and chosen == sorted(set(chosen))
 
 
-def _small_run(mnist, **overrides):
-    params = Params(epochs=2, batch_size=100, device="cpu", **overrides)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+CUDA = DEVICES[1:]
+
+
+def _small_run(mnist, step_mode=None, **overrides):
+    params = Params(**{"epochs": 2, "batch_size": 100, "device": "cpu", **overrides})
     images = data.to_float(mnist["train"].images[:1000])
-    return train(params, images[:800], images[800:], images[:300])
+    return train(params, images[:790], images[790:], images[:300], step_mode=step_mode)  # batches of 100 and 90
 
 
-def test_same_seed_gives_identical_runs(mnist):
-    first, second = _small_run(mnist), _small_run(mnist)
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_gives_identical_runs(mnist, device):
+    first, second = _small_run(mnist, device=device), _small_run(mnist, device=device)
     assert first.history == second.history
     for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
         assert torch.equal(a, b)
-    assert _small_run(mnist, seed=1).history != first.history
+    assert _small_run(mnist, device=device, seed=1).history != first.history
+
+
+@pytest.mark.parametrize("device", CUDA)
+@pytest.mark.parametrize("binarize", ["none", "dynamic"])
+def test_cuda_graph_replays_train_as_the_eager_step_does(mnist, device, binarize):
+    """Replayed graphs of both batch sizes (after two eager warm-up steps each) against the eager step."""
+    graphs = _small_run(mnist, device=device, binarize=binarize, epochs=4)
+    eager = _small_run(mnist, "eager", device=device, binarize=binarize, epochs=4)
+    for row_graphs, row_eager in zip(graphs.history, eager.history):
+        assert row_graphs == pytest.approx(row_eager, rel=1e-4)
+    for (name, a), b in zip(graphs.model.state_dict().items(), eager.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_burda_schedule_is_their_rates_over_3280_epochs_and_scales_to_other_lengths():
+    params = Params(lr=1e-3, lr_schedule="burda", epochs=3280)
+    stage_of_epoch = [i for i in range(8) for _ in range(3**i)]  # 3^i epochs at lr * 10^(-i/7)
+    assert len(stage_of_epoch) == 3280
+    assert [learning_rate(params, e + 1) for e in range(3280)] == [1e-3 * 10 ** (-i / 7) for i in stage_of_epoch]
+    short = Params(lr=1e-3, lr_schedule="burda", epochs=328)  # a tenth: each stage a tenth as long
+    rates = [learning_rate(short, e) for e in range(1, 329)]
+    assert rates[0] == 1e-3 and rates[-1] == pytest.approx(1e-4) and rates == sorted(rates, reverse=True)
+    assert sum(rate == pytest.approx(1e-4) for rate in rates) == pytest.approx(218.7, abs=1)  # 2187 / 10
+
+
+def test_cosine_and_constant_schedules():
+    cosine = Params(lr=2e-3, lr_schedule="cosine", epochs=100)
+    assert learning_rate(cosine, 1) == 2e-3 and learning_rate(cosine, 51) == pytest.approx(1e-3)
+    assert learning_rate(cosine, 100) == pytest.approx(2e-3 * (1 + math.cos(math.pi * 99 / 100)) / 2)
+    assert {learning_rate(Params(lr=3e-4), e) for e in (1, 50, 200)} == {3e-4}
+
+
+def test_kl_warm_up_starts_at_0_and_rises_linearly_to_beta():
+    params = Params(beta=2.0, kl_warmup_epochs=4)
+    assert [kl_weight(params, e) for e in range(1, 8)] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    assert kl_weight(Params(), 1) == 1.0
+
+
+def test_the_history_records_the_rate_the_kl_weight_and_the_objective_beside_the_true_elbo(mnist):
+    result = _small_run(mnist, epochs=3, kl_warmup_epochs=2, lr_schedule="cosine", lr=1e-3)
+    assert [row["kl_weight"] for row in result.history] == [0.0, 0.5, 1.0]
+    assert [row["lr"] for row in result.history] == [learning_rate(Params(lr=1e-3, lr_schedule="cosine", epochs=3), e)
+                                                     for e in (1, 2, 3)]
+    for row in result.history:
+        assert row["train_objective"] == pytest.approx(row["train_reconstruction"] + row["kl_weight"] * row["train_kl"])
+        assert row["train_neg_elbo"] == pytest.approx(row["train_reconstruction"] + row["train_kl"], abs=1e-3)
+
+
+def test_a_higher_beta_gives_a_lower_kl(mnist):
+    kl = {beta: _small_run(mnist, beta=beta, dropout=0.0, lr=1e-3).history[-1]["val_kl"] for beta in (0.5, 1.0, 4.0)}
+    assert kl[4.0] < kl[1.0] < kl[0.5]
 
 
 def test_history_records_losses_in_nats_and_the_seeds_scale(mnist):
@@ -52,9 +109,10 @@ def test_history_records_losses_in_nats_and_the_seeds_scale(mnist):
     assert result.snapshots.latent_means[0].shape == (300, 2)
 
 
-def test_a_run_resumed_from_its_checkpoint_ends_bit_for_bit_as_an_uninterrupted_one(mnist, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_resumed_from_its_checkpoint_ends_bit_for_bit_as_an_uninterrupted_one(mnist, tmp_path, device):
     images = data.to_float(mnist["train"].images[:1000])
-    params = Params(epochs=4, batch_size=100, device="cpu")
+    params = Params(epochs=4, batch_size=100, device=device)
     whole = train(params, images[:800], images[800:], images[:300])
 
     class Interrupted(Exception):

@@ -68,11 +68,13 @@ def _linear_backward(linear: nn.Linear, inputs, grad, need_input_grad: bool) -> 
 
 class FastStep:
     """One optimisation step's forward and backward on `model`, writing the gradients of the seed's loss
-    (mean negative ELBO / 1568) into each parameter's `.grad`. The model must be in training mode."""
+    (mean training objective / 1568: reconstruction + `kl_weight` * KL, `model.training_objective`) into each
+    parameter's `.grad`. The model must be in training mode."""
 
-    def __init__(self, model: VAE):
+    def __init__(self, model: VAE, kl_weight: float = 1.0):
         encoder, decoder = model.encoder.body, model.decoder.net
         self.model = model
+        self.kl_weight = kl_weight
         self.blocks = [
             _Block(encoder[0], encoder[2], leaky=False), _Block(encoder[4], encoder[6], leaky=False),
             _Block(decoder[0], decoder[2], leaky=True), _Block(decoder[4], decoder[6], leaky=True),
@@ -101,10 +103,11 @@ class FastStep:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Forward and backward on the batch `x` (n, 784); returns the batch's summed
-        (negative ELBO, reconstruction, KL) in nats, detached, for the epoch's statistics."""
+        (negative ELBO, reconstruction, KL) in nats, detached, for the epoch's statistics: the true ELBO's
+        parts whatever `kl_weight` is."""
         masks = self._masks(len(x))
         encoder_mean, encoder_log_var = self.model.encoder.mean, self.model.encoder.log_var
-        scale = 1.0 / (len(x) * SEED_LOSS_SCALE)  # d(loss)/d(per-image negative ELBO)
+        scale = 1.0 / (len(x) * SEED_LOSS_SCALE)  # d(loss)/d(per-image reconstruction)
 
         h = self.blocks[1].forward(self.blocks[0].forward(x, masks[0]), masks[1])
         mean = torch.addmm(encoder_mean.bias, h, encoder_mean.weight.t())
@@ -122,8 +125,9 @@ class FastStep:
         grad_logits = logits.sigmoid_().sub_(x).mul_(scale)  # logits are not needed any more
         grad_d = _linear_backward(self.output, d, grad_logits, True)
         grad_z = self.blocks[2].backward(self.blocks[3].backward(grad_d))
-        grad_mean = torch.add(grad_z, mean, alpha=scale)
-        grad_log_var = (grad_z * eps * std).add_(variance - 1, alpha=scale).mul_(0.5)
+        kl_scale = scale * self.kl_weight  # d(loss)/d(per-image KL)
+        grad_mean = torch.add(grad_z, mean, alpha=kl_scale)
+        grad_log_var = (grad_z * eps * std).add_(variance - 1, alpha=kl_scale).mul_(0.5)
         grad_h = _linear_backward(encoder_mean, h, grad_mean, True)
         grad_h += _linear_backward(encoder_log_var, h, grad_log_var, True)
         self.blocks[0].backward(self.blocks[1].backward(grad_h), need_input_grad=False)

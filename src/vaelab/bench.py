@@ -23,7 +23,7 @@ import torch
 
 from vaelab import data, metrics, training
 from vaelab.config import Params
-from vaelab.model import IMAGE_PIXELS, SEED_LOSS_SCALE, VAE, ModelConfig
+from vaelab.model import IMAGE_PIXELS, SEED_LOSS_SCALE, VAE, ModelConfig, resolve_device
 
 HIDDEN = (256, 128)  # the seed's layer widths, encoder order; the decoder mirrors them
 
@@ -105,7 +105,7 @@ def _training_run(params: Params, store: Path):
     return tracking.TrainingRun(params)
 
 
-def project_epoch_seconds(params: Params, train_x, val_x, snapshot_x, store: Path):
+def project_epoch_seconds(params: Params, train_x, val_x, snapshot_x, store: Path, step_mode: str | None = None):
     """Epoch times of `training.train` with the train stage's MLflow logging, the logging's share of the
     wall time (None without MLflow), the whole training's wall time, and its result. Each epoch ends with
     the validation loss read back to the host, so the stamps include all of the device's work."""
@@ -119,7 +119,7 @@ def project_epoch_seconds(params: Params, train_x, val_x, snapshot_x, store: Pat
         logging[0] += time.perf_counter() - start
         stamps.append(time.perf_counter())
 
-    result = training.train(params, train_x, val_x, snapshot_x, on_epoch=on_epoch)
+    result = training.train(params, train_x, val_x, snapshot_x, on_epoch=on_epoch, step_mode=step_mode)
     start = time.perf_counter()
     if run is not None:
         run.end("FINISHED")
@@ -127,6 +127,22 @@ def project_epoch_seconds(params: Params, train_x, val_x, snapshot_x, store: Pat
     wall = time.perf_counter() - stamps[0]
     share = logging[0] / wall if run is not None else None
     return [b - a for a, b in zip(stamps, stamps[1:])], share, wall, result
+
+
+def evaluation_seconds(model: VAE, splits: dict[str, data.Split], device: torch.device, samples: int,
+                       seed: int = 0) -> tuple[float, dict[str, float]]:
+    """The evaluate stage's work (grayscale test set, K = `samples`) on `device`: its seconds and results.
+    The model is left on the CPU."""
+    test_x, train_x = (data.to_float(splits[name].images).to(device) for name in ("test", "train"))
+    test_labels, train_labels = (splits[name].labels.to(device) for name in ("test", "train"))
+    model.to(device)
+    synchronize(device)
+    start = time.perf_counter()
+    results = metrics.test_results(model, test_x, test_labels, train_x, train_labels, seed, samples)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    model.cpu()
+    return seconds, results
 
 
 def render_seconds(result, labels: torch.Tensor, test_x: torch.Tensor, frames: int, folder: Path) -> float:
@@ -173,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: PyTorch sees no CUDA GPU; use auto or cpu")
 
-    device = training.resolve_device(args.device)
+    device = resolve_device(args.device)
     params = Params(device=device.type, epochs=args.epochs)
     splits = _load_splits(args.data)
     train_x, val_x, test_x = (data.to_float(splits[name].images) for name in data.SPLITS)
@@ -193,10 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
             logging_share.append(share)
             print(f"round {round_ + 1}: baseline {statistics.median(baseline):.3f} s/epoch, "
                   f"project {statistics.median(project):.3f} s/epoch")
-        start = time.perf_counter()
-        metrics.test_results(result.model, test_x, splits["test"].labels, train_x, splits["train"].labels,
-                             params.seed, params.iwae_samples)
-        evaluate = time.perf_counter() - start
+        evaluate, _ = evaluation_seconds(result.model, splits, device, params.iwae_samples)
         frames = len(training.snapshot_epochs(Params().epochs))
         try:
             render = render_seconds(result, splits["test"].labels[snapshot], test_x, frames, Path(scratch))

@@ -25,7 +25,8 @@ from PIL import Image  # noqa: E402
 from vaelab import tracking  # noqa: E402
 from vaelab.stages import StageError  # noqa: E402
 
-PARAMS = ["latent_dim", "dropout", "optimizer", "lr", "batch_size", "epochs", "seed", "binarize"]
+PARAMS = ["latent_dim", "dropout", "optimizer", "lr", "lr_schedule", "beta", "kl_warmup_epochs", "batch_size",
+          "epochs", "seed", "binarize"]
 FINAL_METRICS = ["test_neg_elbo", "test_iwae_nll", "test_elbo_gap", "test_active_units",
                  "test_latent_classifier_accuracy", "test_mse_per_pixel"]
 KIND_TAG = "vaelab.kind"

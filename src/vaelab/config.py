@@ -16,6 +16,7 @@ class ParamsError(ValueError):
     """A bad value in params.yaml; the message names the key, the value and what is allowed."""
 
 
+LR_SCHEDULES = ("constant", "burda", "cosine")  # see training.learning_rate
 EVALUATION_ONLY = ("iwae_samples",)  # read by `evaluate` alone; it records them as metrics
 
 
@@ -27,6 +28,9 @@ class Params:
     dropout: float = 0.3
     optimizer: str = "adam"
     lr: float = 1e-4
+    lr_schedule: str = "constant"
+    beta: float = 1.0
+    kl_warmup_epochs: int = 0
     batch_size: int = 500
     epochs: int = 200
     seed: int = 0
@@ -54,6 +58,9 @@ _RULES: dict[str, tuple[type, Any, str]] = {
     "dropout": (float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "optimizer": (str, lambda v: v in ("adam", "rmsprop"), "one of: adam, rmsprop"),
     "lr": (float, lambda v: 0.0 < v <= 10.0, "a number in (0, 10]"),
+    "lr_schedule": (str, lambda v: v in LR_SCHEDULES, f"one of: {', '.join(LR_SCHEDULES)}"),
+    "beta": (float, lambda v: 0.0 <= v <= 1000.0, "a number in [0, 1000]"),
+    "kl_warmup_epochs": (int, lambda v: 0 <= v <= 100_000, "an integer from 0 to 100000"),
     "batch_size": (int, lambda v: v >= 1, "a positive integer, at most the training set size"),
     "epochs": (int, lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),
     "seed": (int, lambda v: 0 <= v < 2**63, "a non-negative integer"),

@@ -69,6 +69,7 @@ def latent_classifier_accuracy(model: VAE, train_images, train_labels, test_imag
     classifier = torch.nn.Linear(train_z.shape[1], 10)
     torch.nn.init.normal_(classifier.weight, std=0.01, generator=generator)
     torch.nn.init.zeros_(classifier.bias)
+    classifier.to(train_z.device)  # initialised on the CPU, so every device starts from the same weights
     optimizer = torch.optim.LBFGS(classifier.parameters(), max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
@@ -123,7 +124,7 @@ def test_results(model: VAE, test_x, test_labels, train_x, train_labels, seed: i
                  on_progress: Callable[[int], object] | None = None) -> dict[str, float]:
     """Everything the evaluate stage reports, keyed `test_<name>`: the ELBO metrics, the importance-sampled
     -log p(x) with K = `iwae_samples` and its gap to the ELBO, the latent diagnostics and the latent
-    classifier's accuracy. `model` must be in eval mode."""
+    classifier's accuracy. `model` must be in eval mode, on the device of the tensors."""
     results = elbo_metrics(model, test_x, seed, labels=test_labels)
     torch.manual_seed(seed)
     log_px = importance_log_likelihood(model, test_x, iwae_samples, on_progress=on_progress)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaelab.config import ParamsError
+
 IMAGE_PIXELS = 28 * 28
 SEED_LOSS_SCALE = 2 * IMAGE_PIXELS  # the seed divides the per-image negative ELBO by 2 * 28 * 28
 KERAS_BN = dict(eps=1e-3, momentum=0.01)
@@ -120,6 +122,12 @@ def negative_elbo(logits, x, mean, log_var) -> tuple[torch.Tensor, torch.Tensor,
     return reconstruction + kl, reconstruction, kl
 
 
+def training_objective(reconstruction: torch.Tensor, kl: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    """What training minimises: reconstruction + kl_weight * KL (beta-VAE, KL warm-up). With weight 1 it is
+    the negative ELBO, the seed's objective; the metrics are always the true negative ELBO."""
+    return reconstruction + kl_weight * kl
+
+
 def manifold_grid(size: int = 15) -> torch.Tensor:
     """The seed's grid: norm.ppf(linspace(0.05, 0.95, size)) on each axis."""
     return torch.special.ndtri(torch.linspace(0.05, 0.95, size, dtype=torch.float64)).float()
@@ -134,6 +142,14 @@ def manifold_latents(latent_dim: int, size: int = 15) -> torch.Tensor:
         z[:, 1] = grid.repeat_interleave(size)
     return z
 
+
+def resolve_device(name: str) -> torch.device:
+    """The `device` parameter as a torch device: `auto` is the GPU where PyTorch sees one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("params.yaml: device: 'cuda' was asked for, but PyTorch sees no CUDA GPU; use auto or cpu")
+    return torch.device(name)
 
 
 def save_vae(model: VAE, path) -> None:

@@ -5,6 +5,7 @@ Importable with torch alone (no MLflow, no DVC): the caller observes progress th
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 import time
@@ -14,9 +15,10 @@ from typing import Callable
 
 import torch
 
-from vaelab.config import Params, ParamsError
+from vaelab.config import Params
 from vaelab.backprop import FastStep
-from vaelab.model import SEED_LOSS_SCALE, VAE, ModelConfig, encode_in_batches, manifold_latents, negative_elbo
+from vaelab.model import (SEED_LOSS_SCALE, VAE, ModelConfig, encode_in_batches, manifold_latents, negative_elbo,
+                          resolve_device, training_objective)
 
 MANIFOLD_SIZE = 15
 SNAPSHOT_IMAGES = 5000  # the first test images, whose latent means animate the scatter
@@ -40,14 +42,6 @@ class Snapshots:
         }
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("params.yaml: device: 'cuda' was asked for, but PyTorch sees no CUDA GPU; use auto or cpu")
-    return torch.device(name)
-
-
 def snapshot_epochs(epochs: int) -> list[int]:
     """The seed's schedule, scaled to `epochs`: epochs 1-10, then int(i ** 1.701) for i < 59, and the last.
 
@@ -58,17 +52,121 @@ def snapshot_epochs(epochs: int) -> list[int]:
     return sorted(e for e in chosen if e <= epochs)
 
 
+BURDA_STAGES = 8  # Burda et al. 2015: lr * 10^(-i/7) for 3^i epochs, i = 0..7: 3280 epochs in all
+
+
+def learning_rate(params: Params, epoch: int) -> float:
+    """The rate of `epoch` (counted from 1) under `params.lr_schedule`:
+    `constant`: lr (the seed); `burda`: lr * 10^(-i/7) in stage i, the stages 3^i epochs long for 3280
+    epochs and scaled to `epochs` as the snapshot schedule is; `cosine`: lr * (1 + cos(pi * (epoch - 1) /
+    epochs)) / 2, from lr down towards 0 (CosineAnnealingLR's curve)."""
+    if params.lr_schedule == "burda":
+        ends = [sum(3**j for j in range(i + 1)) * params.epochs / 3280 for i in range(BURDA_STAGES)]
+        stage = next(i for i, end in enumerate(ends) if epoch - 1 < end or i == BURDA_STAGES - 1)
+        return params.lr * 10 ** (-stage / 7)
+    if params.lr_schedule == "cosine":
+        return params.lr * (1 + math.cos(math.pi * (epoch - 1) / params.epochs)) / 2
+    return params.lr
+
+
+def kl_weight(params: Params, epoch: int) -> float:
+    """The KL term's weight in the training objective at `epoch`: rising linearly from 0 at epoch 1 to `beta`
+    after `kl_warmup_epochs` epochs (Sonderby et al. 2016), then `beta`."""
+    if params.kl_warmup_epochs and epoch <= params.kl_warmup_epochs:
+        return params.beta * (epoch - 1) / params.kl_warmup_epochs
+    return params.beta
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, parameters, lr: float, capturable: bool = False) -> torch.optim.Optimizer:
     """Adam or RMSprop with Keras 2's defaults (RMSprop rho 0.9, epsilon 1e-7), in their fastest
-    implementations (fused Adam; RMSprop has no fused kernel, so one multi-tensor step)."""
+    implementations (fused Adam; RMSprop has no fused kernel, so one multi-tensor step). `capturable`
+    keeps the step count on the GPU, so the update can be recorded in a CUDA graph."""
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, eps=KERAS_EPSILON, fused=True)
-    return torch.optim.RMSprop(parameters, lr=lr, alpha=0.9, eps=KERAS_EPSILON, foreach=True)
+        return torch.optim.Adam(parameters, lr=lr, eps=KERAS_EPSILON, fused=True, capturable=capturable)
+    return torch.optim.RMSprop(parameters, lr=lr, alpha=0.9, eps=KERAS_EPSILON, foreach=True, capturable=capturable)
+
+
+STEP_MODES = ("eager", "graphs", "compiled-graphs")
+
+
+class TrainingStep:
+    """One optimisation step on a batch of training images chosen by `index`: the dynamic binarization (if
+    any), the hand-written forward and backward pass, and the optimizer. Returns the batch's summed
+    (negative ELBO, reconstruction, KL), left on the device.
+
+    `mode` is how the step runs. `eager`: op by op, as on the CPU. `graphs` (CUDA only): each batch size's
+    step is recorded once as a CUDA graph and replayed from then on, since a step is about a hundred small
+    kernels that the GPU runs faster than Python launches them one by one. `compiled-graphs`: the same,
+    with the forward and backward pass first compiled by `torch.compile`, which fuses elementwise kernels.
+    The first WARMUP steps of a size run eagerly, on the capture stream, to create what the graph then
+    reuses (optimizer state, cuBLAS workspace, the random-bits buffer, compiled kernels); the random
+    generator advances the same way in a replay as in an eager step.
+    """
+
+    WARMUP = 2
+
+    def __init__(self, model: VAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, binarize: str,
+                 mode: str = "eager"):
+        if mode not in STEP_MODES:
+            raise ValueError(f"step mode {mode!r}: expected one of {', '.join(STEP_MODES)}")
+        self.hand_written = self.fast = FastStep(model)
+        if mode == "compiled-graphs":
+            # fallback_random: the same random numbers as the eager step, so both modes train alike
+            self.fast = torch.compile(self.fast, dynamic=False, options={"fallback_random": True})
+        self.optimizer, self.images, self.binarize, self.mode = optimizer, images, binarize, mode
+        self.stream = torch.cuda.Stream() if mode != "eager" else None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.eager_steps: dict[int, int] = {}
+        if mode != "eager":  # a rate held in a device tensor can change between replays
+            for group in optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), device=images.device)
+
+    def set_rates(self, lr: float, kl_weight: float) -> None:
+        """The learning rate and KL weight of the steps to come (see `learning_rate`, `kl_weight`)."""
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        if kl_weight != self.hand_written.kl_weight:
+            self.hand_written.kl_weight = kl_weight
+            self.graphs.clear()  # the weight is an argument recorded in the graph's kernels: record anew
+
+    def eager(self, index: torch.Tensor) -> torch.Tensor:
+        x = self.images.index_select(0, index)
+        if self.binarize == "dynamic":  # a fresh Bernoulli(pixel) draw of every batch
+            x = (torch.rand_like(x) < x).to(x.dtype)
+        stats = self.fast(x)
+        self.optimizer.step()
+        return stats
+
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        if self.mode == "eager":
+            return self.eager(index)
+        size = len(index)
+        if size not in self.graphs and self.eager_steps.get(size, 0) >= self.WARMUP:
+            static_index = index.clone()
+            graph = torch.cuda.CUDAGraph()
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.graph(graph, stream=self.stream):
+                static_stats = self.eager(static_index)
+            self.graphs[size] = (graph, static_index, static_stats)
+        if size in self.graphs:
+            graph, static_index, static_stats = self.graphs[size]
+            static_index.copy_(index)
+            graph.replay()
+            return static_stats  # overwritten by the next replay, which the stream orders after its readers
+        self.eager_steps[size] = self.eager_steps.get(size, 0) + 1
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            stats = self.eager(index)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return stats
 
 
 def manifold_image(model: VAE, size: int = MANIFOLD_SIZE) -> torch.Tensor:
@@ -131,18 +229,22 @@ def train(
     snapshot_images: torch.Tensor,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     checkpointing: Checkpointing | None = None,
+    step_mode: str | None = None,
 ) -> TrainResult:
     """Train the seed's VAE on float images (n, 784); returns the model, per-epoch history and snapshots.
 
-    Each history row holds the epoch and, for `train_` and `val_`: the seed's scaled `loss` and the
-    negative ELBO, reconstruction and KL terms in nats per image. With `checkpointing`, a run whose
-    checkpoint exists continues from it, with the same result as if it had never stopped.
+    Each history row holds the epoch, its learning rate `lr` and `kl_weight`, and for `train_` and `val_`:
+    the seed's scaled `loss` and the negative ELBO, reconstruction and KL terms in nats per image (the true
+    ELBO whatever the KL weight), and `train_objective`, what the epoch minimised (reconstruction +
+    kl_weight * KL). With `checkpointing`, a run whose
+    checkpoint exists continues from it, with the same result as if it had never stopped. `step_mode` is
+    the TrainingStep's: by default `graphs` on a GPU and `eager` on the CPU; the benchmark times the others.
     """
     device = resolve_device(params.device)
+    step_mode = step_mode or ("graphs" if device.type == "cuda" else "eager")
     seed_everything(params.seed)
     model = VAE(ModelConfig(params.latent_dim, params.dropout)).to(device)
-    optimizer = make_optimizer(params.optimizer, model.parameters(), params.lr)
-    step = FastStep(model)
+    optimizer = make_optimizer(params.optimizer, model.parameters(), params.lr, capturable=device.type == "cuda")
     train_images, val_images, snapshot_images = (t.to(device) for t in (train_images, val_images, snapshot_images))
     shuffle = torch.Generator().manual_seed(params.seed)
     n = len(train_images)
@@ -151,20 +253,19 @@ def train(
     done = 0
     if checkpointing is not None and checkpointing.path.exists():
         done = _restore(checkpointing.path, model, optimizer, shuffle, history, snapshots)
+    step = TrainingStep(model, optimizer, train_images, params.binarize, step_mode)
     last_save = time.monotonic()
 
     for epoch in range(done + 1, params.epochs + 1):
         model.train()
+        rates = {"lr": learning_rate(params, epoch), "kl_weight": kl_weight(params, epoch)}
+        step.set_rates(**rates)
         order = torch.randperm(n, generator=shuffle).to(device)
         batches = [index for index in order.split(params.batch_size) if len(index) > 1]  # BatchNorm needs 2
         step_losses = torch.empty(len(batches), device=device)
         totals, seen = torch.zeros(3, device=device), 0
         for i, index in enumerate(batches):
-            x = train_images[index]
-            if params.binarize == "dynamic":  # a fresh Bernoulli(pixel) draw of every batch
-                x = (torch.rand_like(x) < x).to(x.dtype)
-            stats = step(x)
-            optimizer.step()
+            stats = step(index)
             step_losses[i] = stats[0]
             totals += stats
             seen += len(index)
@@ -174,8 +275,9 @@ def train(
                 f"the loss is {step_losses[bad].item()} at epoch {epoch}, step {bad + 1} of {len(batches)}; "
                 f"training stopped (lr {params.lr} may be too large)"
             )
-        row = {"epoch": epoch}
+        row = {"epoch": epoch, **rates}
         row.update({f"train_{k}": v for k, v in _summary(totals / seen).items()})
+        row["train_objective"] = training_objective(row["train_reconstruction"], row["train_kl"], rates["kl_weight"])
         row.update({f"val_{k}": v for k, v in evaluate_loss(model, val_images, params.batch_size).items()})
         history.append(row)
         if epoch in snapshot_at:
@@ -190,7 +292,8 @@ def train(
             if checkpointing.before_save is not None:
                 checkpointing.before_save()
             _save(checkpointing.path, epoch, model, optimizer, shuffle, history, snapshots)
-            last_save = time.monotonic()
+            step = TrainingStep(model, optimizer, train_images, params.binarize, step_mode)
+    last_save = time.monotonic()
     model.eval()
     return TrainResult(model.cpu(), history, snapshots)
 
