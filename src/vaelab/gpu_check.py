@@ -77,7 +77,14 @@ def literature_run(splits, params: Params = LITERATURE) -> tuple[dict, list[dict
     epochs, dynamic binarization, the fixed binarized test set, K = 5000. Returns the figures and history."""
     inputs = {name: data.model_inputs(splits[name].images, params.binarize, name) for name in data.SPLITS}
     start = time.perf_counter()
-    result = training.train(params, inputs["train"], inputs["val"], inputs["test"][: training.SNAPSHOT_IMAGES])
+
+    def show_progress(row):  # the curve so far, also in the log of a run cut short
+        if row["epoch"] % 100 == 0:
+            print(f"epoch {row['epoch']}: lr {row['lr']:.2e}, val negative ELBO {row['val_neg_elbo']:.3f}, "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+
+    result = training.train(params, inputs["train"], inputs["val"], inputs["test"][: training.SNAPSHOT_IMAGES],
+                            on_epoch=show_progress)
     train_s = time.perf_counter() - start
     device = torch.device(params.device)
     model = result.model.to(device)
