@@ -7,7 +7,7 @@ import torch
 from vaelab import data
 from vaelab.config import Params
 from vaelab.metrics import importance_log_likelihood, elbo_metrics
-from vaelab.model import reconstruction_nll
+from vaelab.model import reconstruction_nll, reconstruction_nll_
 from vaelab.training import train
 
 
@@ -51,3 +51,16 @@ def test_chunking_does_not_change_the_estimate(one_dim_model, mnist):
     torch.manual_seed(3)
     chunked = importance_log_likelihood(one_dim_model, x, samples=64, max_rows=64 * 3)
     torch.testing.assert_close(whole, chunked)
+    for block_rows in (1, 50, 100_000):  # decoding in blocks draws the same z: the same estimate up to rounding
+        torch.manual_seed(3)
+        blocked = importance_log_likelihood(one_dim_model, x, samples=64, max_rows=64 * 3, block_rows=block_rows)
+        torch.testing.assert_close(blocked, chunked)
+
+
+@pytest.mark.parametrize("binarized", [False, True])
+def test_the_in_place_likelihood_of_many_samples_equals_the_cross_entropy(mnist, binarized):
+    x = data.to_float(mnist["test"].images[:3])
+    x = (x > 0.5).float() if binarized else x
+    logits = torch.randn(3, 40, 784, generator=torch.Generator().manual_seed(0)) * 6
+    expected = reconstruction_nll(logits, x.unsqueeze(1).expand_as(logits))
+    torch.testing.assert_close(reconstruction_nll_(logits.clone(), x), expected, rtol=1e-6, atol=2e-4)

@@ -115,6 +115,17 @@ def reconstruction_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(dim=-1)
 
 
+def reconstruction_nll_(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`reconstruction_nll` of many decoded samples of each image, overwriting `logits` (..., k, 784); `x`
+    (..., 784) holds the images. The same sum, sum_j softplus(l_j) - x_j l_j, in a few in-place passes over
+    the logits: the importance-sampled bound decodes 50 million of them at K = 5000, and the cross-entropy's
+    temporaries and log1p were most of its time on a CPU. log(1 + e) stands for log1p(e) with e = exp(-|l|) in
+    (0, 1]: they differ by less than 6e-8 per pixel, float32 rounding."""
+    x_dot_logits = torch.matmul(logits, x.unsqueeze(-1)).squeeze(-1)
+    positive_part = logits.clamp_min(0).sum(dim=-1)
+    return positive_part + logits.abs_().neg_().exp_().add_(1).log_().sum(dim=-1) - x_dot_logits
+
+
 def negative_elbo(logits, x, mean, log_var) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(negative ELBO, reconstruction, KL) per image in nats; the seed's loss is the first / 1568."""
     reconstruction = reconstruction_nll(logits, x)
