@@ -22,7 +22,8 @@ repro: setup
 test: setup
 	pytest -v
 
-ui: setup
+ui: setup  ## MLflow's UI on mlflow.db; first prints the link to the experiment's runs in the "Model training" view
+	@vaelab ui-link
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 clean-venv:

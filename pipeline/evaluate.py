@@ -1,7 +1,10 @@
 """Stage `evaluate`: on the test set, in eval mode, the negative ELBO and its parts, the importance-sampled
-log-likelihood bound, latent diagnostics and per-digit scores, into a DVC metric, a short report and MLflow.
+log-likelihood bound, latent diagnostics and per-digit scores, into DVC metrics and plots, a short report and MLflow.
 
-usage: python pipeline/evaluate.py DATA_DIR MODEL_DIR METRICS_JSON EVALUATION_MD
+usage: python pipeline/evaluate.py DATA_DIR MODEL_DIR METRICS_JSON PER_DIGIT_CSV PER_DIMENSION_CSV EVALUATION_MD
+
+METRICS_JSON holds the headline numbers (DVC's metrics, `dvc exp show`), the two CSV files the negative ELBO
+of each digit and the KL of each latent dimension (DVC's plots); MLflow gets all of them.
 """
 import json
 
@@ -9,14 +12,14 @@ from tqdm import tqdm
 
 from vaelab import config, data, metrics, tracking
 from vaelab.model import load_vae, resolve_device
-from vaelab.stages import atomic_file, check_writable, paths, run_stage
+from vaelab.stages import atomic_file, check_writable, paths, run_stage, write_rows
 
 
 def main(argv):
     params = config.load()
-    data_dir, model_dir, metrics_json, evaluation_md = paths(argv, "DATA_DIR", "MODEL_DIR", "METRICS_JSON",
-                                                             "EVALUATION_MD")
-    check_writable(metrics_json, evaluation_md)
+    data_dir, model_dir, metrics_json, per_digit_csv, per_dimension_csv, evaluation_md = paths(
+        argv, "DATA_DIR", "MODEL_DIR", "METRICS_JSON", "PER_DIGIT_CSV", "PER_DIMENSION_CSV", "EVALUATION_MD")
+    check_writable(metrics_json, per_digit_csv, per_dimension_csv, evaluation_md)
     tracking.check_reachable()
     device = resolve_device(params.device)
     model = load_vae(model_dir / "vae.pt").to(device)
@@ -29,8 +32,12 @@ def main(argv):
         results = metrics.test_results(model, test_x, test_labels, train_x, train_labels, params.seed,
                                        params.iwae_samples, on_progress=bar.update)
 
+    headline, per_digit, per_dimension = metrics.split_results(results)
     with atomic_file(metrics_json) as path:
-        path.write_text(json.dumps(results, indent=2) + "\n")
+        path.write_text(json.dumps(headline, indent=2) + "\n")
+    for rows, csv_path in ((per_digit, per_digit_csv), (per_dimension, per_dimension_csv)):
+        with atomic_file(csv_path) as path:
+            write_rows(rows, path)
     with atomic_file(evaluation_md) as path:
         path.write_text(metrics.evaluation_report(results, params.binarize, params.iwae_samples))
     with tracking.resumed_run(model_dir / "run.json"):

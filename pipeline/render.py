@@ -5,10 +5,10 @@ usage: python pipeline/render.py DATA_DIR MODEL_DIR HISTORY_CSV FIGURES_DIR
 """
 import torch
 
-from vaelab import data, figures, metrics, tracking, training
+from vaelab import data, figures, metrics, tracking
 from vaelab.config import load
 from vaelab.model import load_vae
-from vaelab.stages import atomic_dir, check_writable, paths, run_stage
+from vaelab.stages import atomic_dir, check_writable, paths, read_history, run_stage
 
 RECONSTRUCTED_DIGITS = 10
 
@@ -32,7 +32,7 @@ def main(argv):
         figures.manifold_animation(manifolds, epochs, out / "manifold.gif")
         figures.latent_scatter(means[-1], labels, epochs[-1], out / "latent_scatter.png")
         figures.latent_scatter_animation(means, labels, epochs, out / "latent_scatter.gif")
-        figures.learning_curves(training.load_history(history_csv), out / "learning_curves.png")
+        figures.learning_curves(read_history(history_csv), out / "learning_curves.png")
     with tracking.resumed_run(model_dir / "run.json"):
         tracking.log_artifacts(figures_dir, "figures")
     print(f"{len(list(figures_dir.iterdir()))} figures ({len(epochs)} animation frames) -> {figures_dir}")

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from vaelab import config, data, tracking, training
 from vaelab.model import resolve_device, save_vae
-from vaelab.stages import StageError, atomic_file, check_writable, paths, project_root, run_stage
+from vaelab.stages import StageError, atomic_file, check_writable, paths, project_root, run_stage, write_rows
 
 CHECKPOINT_SECONDS = float(os.environ.get("VAELAB_CHECKPOINT_SECONDS", 60))
 
@@ -35,6 +35,7 @@ def main(argv):
         total=params.epochs, unit="epoch", desc=f"train on {device}"
     ) as bar:
         tracking.write_run_id(run_id_file, run.run_id)
+        run.log_training_data(data_dir, {"train": "training", "val": "validation"})
 
         def on_epoch(row):
             run.log_epoch(row)
@@ -56,7 +57,7 @@ def main(argv):
         with atomic_file(model_dir / "snapshots.pt") as path:
             torch.save(result.snapshots.to_dict(snapshot_set.labels), path)
         with atomic_file(history_csv) as path:
-            training.save_history(result.history, path)
+            write_rows(result.history, path)
         with atomic_file(model_dir / "vae.pt") as path:
             save_vae(result.model, path)
         tracking.log_model(run.run_id, model_dir / "vae.pt", params.latent_dim)

@@ -19,8 +19,8 @@ def mnist_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def mnist(mnist_dir) -> dict[str, data.Split]:
-    return data.read_mnist({name: mnist_dir / name for name in data.FILES})
+def mnist(mnist_dir, tmp_path_factory) -> dict[str, data.Split]:
+    return data.load_mnist(tmp_path_factory.mktemp("mnist-cache"), mirror=str(mnist_dir))
 
 
 @pytest.fixture

@@ -139,16 +139,17 @@ def test_a_diverging_run_stops_naming_epoch_and_step(mnist):
         train(Params(epochs=3, batch_size=100, lr=10.0, device="cpu"), images[:800], images[800:], images[:300])
 
 
-def test_training_and_the_benchmarks_timing_run_on_a_box_with_pytorch_alone(mnist_dir):
+def test_training_and_the_benchmarks_timing_run_on_a_box_with_pytorch_alone(mnist, tmp_path):
     """A GPU machine may have PyTorch and nothing else: no MLflow, DVC, YAML, matplotlib or NumPy."""
+    data.save_split(data.Split(mnist["train"].images[:600], mnist["train"].labels[:600]), tmp_path / "train.pt")
     script = f"""
 import sys
-for name in ("mlflow", "dvc", "yaml", "matplotlib", "numpy", "pandas", "tqdm", "PIL"):
+for name in ("mlflow", "dvc", "yaml", "matplotlib", "numpy", "pandas", "tqdm", "PIL", "torchvision"):
     sys.modules[name] = None  # importing any of these now fails
 from pathlib import Path
 from vaelab import bench, data, training
 from vaelab.config import Params
-images = data.to_float(data.read_mnist({{n: Path({str(mnist_dir)!r}) / n for n in data.FILES}})["train"].images[:600])
+images = data.to_float(data.load_split(Path({str(tmp_path)!r}), "train").images)
 params = Params(epochs=2, batch_size=100, device="cpu")
 result = training.train(params, images[:500], images[500:], images[:50])
 seconds, logging_share, wall, _ = bench.project_epoch_seconds(params, images[:500], images[500:], images[:50], Path("x"))

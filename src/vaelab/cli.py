@@ -1,18 +1,26 @@
-"""The `vaelab` command: `vaelab compare` (the comparison report) and `vaelab bench` (the speed benchmark)."""
+"""The `vaelab` command: `vaelab compare` (the comparison report), `vaelab bench` (the speed benchmark) and
+`vaelab ui-link` (the MLflow UI page to open, which `make ui` prints)."""
 from __future__ import annotations
 
 import sys
 
-USAGE = "usage: vaelab {compare,bench} [options]   (vaelab COMMAND --help for its options)"
+USAGE = "usage: vaelab {compare,bench,ui-link} [options]   (vaelab COMMAND --help for its options)"
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("compare", "bench"):
+    if not argv or argv[0] not in ("compare", "bench", "ui-link"):
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     from vaelab.stages import StageError
 
+    if argv[0] == "ui-link":
+        from vaelab.tracking import ui_link
+
+        link = ui_link()
+        print(f"Open the experiment's runs: {link}" if "#/experiments/" in link else
+              f"No runs in mlflow.db yet (run `dvc repro` first); the MLflow UI: {link}")
+        return
     try:
         if argv[0] == "compare":
             from vaelab.compare import main as command
@@ -22,3 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     except StageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,17 +1,24 @@
-"""The comparison report: every training run of an experiment, side by side.
+"""The comparison report: every training run of an experiment, with seeds as the measure of noise.
 
     vaelab compare [--experiment vaelab] [--tag dvc.exp_baseline_rev=<rev>] [--out reports/compare]
 
 Reads the runs from MLflow into pandas (`mlflow.search_runs`) and writes a table of parameters and final
-metrics (Markdown and CSV), each final test metric against `latent_dim` with one line per optimizer and
-dropout, the validation learning curves overlaid, and the final manifolds side by side. The same files are
-logged to MLflow in a run of their own (tagged `vaelab.kind = comparison`).
+metrics per run (runs.md, runs.csv); the runs grouped by setting, where a group's runs differ only in seed,
+with n, mean, standard deviation and 95% confidence interval of each final metric (groups.md, groups.csv); for
+every two groups that differ in one parameter, Welch's t-test of each metric (differences.md, differences.csv);
+each group's mean against `latent_dim` with error bars, the validation learning curves averaged over seeds,
+and the final manifolds side by side. The same files are logged to MLflow in a run of their own (tagged
+`vaelab.kind = comparison`). The statistics are pure functions of the runs table (`summarize`, `differences`,
+`curves`); MLflow is read and figures drawn around them.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
+import textwrap
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -19,17 +26,29 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from vaelab import tracking  # noqa: E402
 from vaelab.stages import StageError  # noqa: E402
 
 PARAMS = ["latent_dim", "dropout", "optimizer", "lr", "lr_schedule", "beta", "kl_warmup_epochs", "batch_size",
-          "epochs", "seed", "binarize"]
+          "epochs", "seed", "val_size", "binarize"]
 FINAL_METRICS = ["test_neg_elbo", "test_iwae_nll", "test_elbo_gap", "test_active_units",
                  "test_latent_classifier_accuracy", "test_mse_per_pixel"]
+CURVE_METRIC = "val_neg_elbo"
 KIND_TAG = "vaelab.kind"
+SEED = "seed"
+MISSING = "(missing)"  # the value of a parameter a run did not log: a setting of its own
+ALPHA = 0.05
+TEST = "Welch's t-test"
+BEYOND, WITHIN, TOO_FEW = "differs beyond seed noise", "within seed noise", "n too small"
+STATS = ["n", "mean", "std", "ci95_low", "ci95_high"]
+DIFFERENCE_COLUMNS = ["metric", "parameter", "value_a", "value_b", "group_a", "group_b", "n_a", "n_b", "mean_a",
+                      "mean_b", "difference", "t", "p_value", "test", "verdict"]
+WIDTH = 110  # the prose of the Markdown reports, for a terminal of 100-120 columns
 
 
 def training_runs(experiment: str, tags: dict[str, str]) -> pd.DataFrame:
@@ -44,54 +63,274 @@ def training_runs(experiment: str, tags: dict[str, str]) -> pd.DataFrame:
 
 
 def table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Run name and id, the parameters, and the final test metrics present in any run."""
+    """Run name and id, the parameters (strings, as MLflow keeps them), and the final test metrics present in any
+    run."""
     columns = {"tags.mlflow.runName": "run", "run_id": "run_id"}
     columns |= {f"params.{p}": p for p in PARAMS if f"params.{p}" in runs}
     columns |= {f"metrics.{m}": m for m in FINAL_METRICS if f"metrics.{m}" in runs}
-    out = runs[list(columns)].rename(columns=columns)
-    if "latent_dim" in out:
-        out["latent_dim"] = out["latent_dim"].astype(int)
-    return out
+    return runs[list(columns)].rename(columns=columns)
+
+
+def histories(run_ids: list[str], metric: str = CURVE_METRIC) -> pd.DataFrame:
+    """Every logged point of `metric` for these runs, from MLflow: columns run_id, step, value."""
+    client = mlflow.tracking.MlflowClient()
+    points = [(run_id, m.step, m.value) for run_id in run_ids for m in client.get_metric_history(run_id, metric)]
+    return pd.DataFrame(points, columns=["run_id", "step", "value"])
+
+
+# --- statistics: pure functions of the runs table ---
+
+def _canonical(value: object) -> str:
+    """A parameter value as one string per setting: MLflow hands back "0.3" and "2", a hand-made frame 0.3 and
+    2.0, and these must land in the same group; a value a run lacks is MISSING, never merged with another."""
+    if pd.isna(value):
+        return MISSING
+    text = str(value).strip()
+    try:
+        return str(int(text))
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def _order(value: str) -> tuple:
+    """Sort key of a canonical value: numbers by size (2 before 16), then words, then MISSING."""
+    if value == MISSING:
+        return 2, 0.0, ""
+    try:
+        return 0, float(value), ""
+    except ValueError:
+        return 1, 0.0, value
+
+
+def _params(frame: pd.DataFrame) -> list[str]:
+    """The parameters in `frame` that define a setting: all but the seed."""
+    return [p for p in PARAMS if p != SEED and p in frame]
+
+
+def _metrics(frame: pd.DataFrame) -> list[str]:
+    return [m for m in FINAL_METRICS if m in frame]
+
+
+def _varying(frame: pd.DataFrame) -> list[str]:
+    """The setting parameters that take more than one value in `frame`: the ones worth a column or a label."""
+    return [p for p in _params(frame) if frame[p].nunique() > 1]
+
+
+def settings(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each run's group, seed and setting parameters (canonical strings), indexed like `frame`.
+
+    Runs of one group differ only in seed, so the spread within a group is the seed noise and nothing else. Groups
+    are named g1, g2, ... in the order of their settings (an ordered categorical, so sorting follows it)."""
+    params = _params(frame)
+    values = frame.reindex(columns=[SEED, *params]).map(_canonical)
+    keys = list(values[params].itertuples(index=False, name=None))
+    names = {key: f"g{i}" for i, key in enumerate(sorted(set(keys), key=lambda k: [_order(v) for v in k]), 1)}
+    group = pd.Categorical([names[key] for key in keys], categories=list(names.values()), ordered=True)
+    return values.assign(group=pd.Series(group, index=frame.index))[["group", SEED, *params]]
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per group: its parameters, n runs, their seeds and names, and per final metric the n runs that have
+    it, their mean, sample standard deviation (ddof=1) and the 95% confidence interval of the mean (Student t
+    with n - 1 degrees of freedom: right for the handful of seeds one can afford, where a normal interval is too
+    narrow). A group of one run has no std and no interval (NaN): one run says nothing about the noise, and 0
+    would say there is none."""
+    runs = settings(frame)
+    by_group = runs.assign(run=frame["run"].astype(str)).groupby("group", observed=True)
+    out = runs.drop_duplicates("group").drop(columns=SEED).set_index("group").sort_index()
+    out["n"] = by_group.size()
+    out["seeds"] = by_group[SEED].agg(lambda seeds: " ".join(sorted(seeds, key=_order)))
+    out["runs"] = by_group["run"].agg(" ".join)
+    for metric in _metrics(frame):
+        values = frame[metric].groupby(runs["group"], observed=True)
+        n, mean, std = values.count(), values.mean(), values.std(ddof=1)
+        half = stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)  # t.ppf(., 0) is NaN: no interval from one run
+        for name, column in zip(STATS, (n, mean, std, mean - half, mean + half)):
+            out[f"{metric}_{name}"] = column
+    return out.reset_index()
+
+
+def differences(frame: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
+    """For every two groups whose settings differ in exactly one parameter (the only pairs whose difference can be
+    put down to that parameter) and every final metric: Welch's two-sided t-test of the two groups' values, which
+    does not assume a setting leaves the seed noise unchanged. The difference and t are b - a, where a is the
+    group first in order (the smaller number). Either group under 2 runs: no test, verdict "n too small"."""
+    runs = settings(frame)
+    params = _params(frame)
+    head = runs.drop_duplicates("group").set_index("group").sort_index()
+    pairs = []
+    for a, b in itertools.combinations(head.index, 2):
+        changed = [p for p in params if head.at[a, p] != head.at[b, p]]
+        if len(changed) == 1:
+            pairs.append((changed[0], a, b))
+    pairs.sort(key=lambda pair: params.index(pair[0]))  # stable: groups in order within a parameter
+    rows = []
+    for metric in _metrics(frame):
+        for param, a, b in pairs:
+            x, y = (frame.loc[runs["group"] == g, metric].dropna() for g in (a, b))
+            t = p = np.nan
+            if min(len(x), len(y)) >= 2:
+                with warnings.catch_warnings():  # identical values (active units) warn; scipy's nan or inf is right
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    t, p = (float(v) for v in stats.ttest_ind(y, x, equal_var=False))
+            # p is nan where both groups are constant and equal (active units): no difference at all
+            verdict = TOO_FEW if min(len(x), len(y)) < 2 else BEYOND if p < alpha else WITHIN
+            rows.append([metric, param, head.at[a, param], head.at[b, param], a, b, len(x), len(y), x.mean(),
+                         y.mean(), y.mean() - x.mean(), t, p, TEST, verdict])
+    return pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS)
+
+
+def curves(frame: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
+    """Per group and step, the mean of a logged metric over the group's seeds with its min, max and n: the
+    learning curve of a setting and how far its seeds stray. `points` is `histories` (run_id, step, value)."""
+    group = settings(frame)["group"].set_axis(frame["run_id"])
+    grouped = points.assign(group=points["run_id"].map(group)).groupby(["group", "step"], observed=True)["value"]
+    return grouped.agg(["mean", "min", "max", "count"]).rename(columns={"count": "n"}).reset_index()
+
+
+# --- Markdown and console ---
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "" if np.isnan(value) else f"{value:.4g}"
+    return str(value)
 
 
 def _markdown(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join(frame.columns) + " |"
-    rows = ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
-            for row in frame.itertuples(index=False)]
-    return "\n".join([header, "|" + " --- |" * len(frame.columns), *rows]) + "\n"
+    """A Markdown table padded into columns (numbers to the right), so that it reads in a terminal as well as
+    rendered; numbers to 4 significant digits, blank where there is none (NaN)."""
+    cells = [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
+    right = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
+    widths = [max([3, len(str(c)), *(len(row[i]) for row in cells)]) for i, c in enumerate(frame.columns)]
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + (":" if r else "-") for w, r in zip(widths, right)) + "|"
+    return "\n".join([line([str(c) for c in frame.columns]), rule, *(line(row) for row in cells)]) + "\n"
 
 
-def metrics_against_latent_dim(frame: pd.DataFrame, path: Path) -> Path:
-    metrics = [m for m in FINAL_METRICS if m in frame]
+def _prose(*paragraphs: str) -> str:
+    return "\n\n".join(textwrap.fill(p, WIDTH) for p in paragraphs) + "\n"
+
+
+def _overview(summary: pd.DataFrame) -> str:
+    """The groups by the parameters that vary between them, with their n and seeds."""
+    return _markdown(summary[["group", *_varying(summary), "n", "seeds"]])
+
+
+def groups_markdown(summary: pd.DataFrame) -> str:
+    varying = _varying(summary)
+    same = ", ".join(f"{p}={summary.at[0, p]}" for p in _params(summary) if p not in varying)
+    text = "# Groups of runs that differ only in seed\n\n" + _prose(
+        f"{summary['n'].sum()} runs in {len(summary)} groups." + (f" The same in every group: {same}." if same else ""),
+        "Per group and final metric: n runs with the metric, their mean, the sample standard deviation (std, "
+        "ddof=1) and the 95% confidence interval of the mean (Student t); no std or interval where n = 1.")
+    text += "\n" + _overview(summary)
+    for metric in [m for m in FINAL_METRICS if f"{m}_mean" in summary]:
+        columns = {"group": "group", **{p: p for p in varying}} | {f"{metric}_{s}": s.replace("_", " ") for s in STATS}
+        text += f"\n## {metric}\n\n" + _markdown(summary[list(columns)].rename(columns=columns))
+    return text
+
+
+def _verdicts(diffs: pd.DataFrame) -> str:
+    counts = diffs["verdict"].value_counts()
+    return (f"{counts.get(BEYOND, 0)} of {len(diffs)} comparisons differ beyond seed noise, {counts.get(WITHIN, 0)}"
+            f" are within it, {counts.get(TOO_FEW, 0)} have n too small (a group of fewer than 2 runs). No correction"
+            " for multiple comparisons: where a parameter changes nothing, about 1 test in 20 still says it differs.")
+
+
+def _difference_sections(diffs: pd.DataFrame) -> str:
+    """One table per metric: the parameter and its values a and b, the groups and their n (a/b), the means,
+    b - a, the p-value and the verdict."""
+    text = ""
+    for metric, rows in diffs.groupby("metric", sort=False):
+        shown = pd.DataFrame({
+            "param": rows["parameter"], "a": rows["value_a"], "b": rows["value_b"],
+            "groups": rows["group_a"].astype(str) + "/" + rows["group_b"].astype(str),
+            "n": rows["n_a"].astype(str) + "/" + rows["n_b"].astype(str), "mean a": rows["mean_a"],
+            "mean b": rows["mean_b"], "b - a": rows["difference"], "p": rows["p_value"], "verdict": rows["verdict"]})
+        text += f"\n## {metric}\n\n" + _markdown(shown)
+    return text
+
+
+def differences_markdown(diffs: pd.DataFrame, summary: pd.DataFrame) -> str:
+    text = "# Differences between settings, against the seed noise\n\n" + _prose(
+        "Every two groups whose settings differ in exactly one parameter, per final metric: "
+        f"{TEST} (two-sided, unequal variances) of the seeds' values at alpha {ALPHA}. b - a is the difference of "
+        "the means, p its p-value; \"n too small\": a group has fewer than 2 runs with the metric. The groups (as in "
+        "groups.md):")
+    return text + "\n" + _overview(summary) + "\n" + _prose(_verdicts(diffs)) + _difference_sections(diffs)
+
+
+def console(summary: pd.DataFrame, diffs: pd.DataFrame, out: Path) -> str:
+    """What `vaelab compare` prints: the groups, then the differences that exceed the seed noise."""
+    beyond = diffs[diffs["verdict"] == BEYOND]
+    return (f"{summary['n'].sum()} runs compared ({len(summary)} groups of runs that differ only in seed) -> {out}/\n\n"
+            + groups_markdown(summary) + f"\n# Beyond seed noise ({TEST}, two-sided, alpha {ALPHA})\n\n"
+            + _prose(_verdicts(diffs) + f" All comparisons: {out / 'differences.md'}.") + _difference_sections(beyond))
+
+
+# --- figures ---
+
+def _label(record: dict, params: list[str]) -> str:
+    return ", ".join(f"{p}={record[p]}" for p in params)
+
+
+def metrics_against_latent_dim(summary: pd.DataFrame, path: Path) -> Path:
+    """Each group's mean of each final metric against latent_dim with its 95% interval, one line per combination of
+    the other parameters that vary; a group of one run is a point without an error bar."""
+    metrics = [m for m in FINAL_METRICS if f"{m}_mean" in summary]
+    others = [p for p in _varying(summary) if p != "latent_dim"]
     rows = -(-len(metrics) // 3)
-    fig, axes = plt.subplots(rows, 3, figsize=(14, 4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 3, figsize=(14, 4 * rows + 0.5), squeeze=False)
     for ax in axes.flat[len(metrics):]:
         ax.axis("off")
+    lines = list(summary.groupby(others, sort=False)) if others else [((), summary)]
     for ax, metric in zip(axes.flat, metrics):
-        for (optimizer, dropout), group in frame.groupby(["optimizer", "dropout"]):
-            group = group.sort_values("latent_dim")
-            ax.plot(group["latent_dim"], group[metric], marker="o", label=f"{optimizer}, dropout {dropout}")
+        for key, line in lines:
+            # a run without latent_dim has no place on this axis
+            line = line.assign(x=pd.to_numeric(line["latent_dim"], errors="coerce")).sort_values("x")
+            mean = line[f"{metric}_mean"]
+            ax.errorbar(line["x"], mean, yerr=line[f"{metric}_ci95_high"] - mean, marker="o", capsize=3,
+                        label=_label(dict(zip(others, key)), others) or None)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("latent_dim")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
+    if others:
+        axes[0][0].legend(fontsize=8)
+    fig.suptitle("mean over seeds; error bars: 95% confidence interval of the mean (Student t), none where n = 1")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
 
-def learning_curves(frame: pd.DataFrame, path: Path, metric: str = "val_neg_elbo") -> Path:
-    client = mlflow.tracking.MlflowClient()
+def learning_curves(bands: pd.DataFrame, summary: pd.DataFrame, path: Path, metric: str = CURVE_METRIC) -> Path:
+    """Each group's learning curve (`curves`): the mean over its seeds, shaded from their min to their max; a plain
+    line for a group of one run."""
+    varying = _varying(summary)
     fig, ax = plt.subplots(figsize=(9, 5))
-    for row in frame.itertuples(index=False):
-        history = sorted(client.get_metric_history(row.run_id, metric), key=lambda m: m.step)
-        label = f"{row.run}: z={row.latent_dim}, {row.optimizer}, dropout {row.dropout}"
-        ax.plot([m.step for m in history], [m.value for m in history], label=label)
+    for record in summary.to_dict("records"):
+        band = bands[bands["group"] == record["group"]]
+        if band.empty:
+            continue
+        described = _label(record, varying)
+        [line] = ax.plot(band["step"], band["mean"],
+                         label=f"{record['group']} (n={record['n']})" + (f": {described}" if described else ""))
+        if band["n"].max() > 1:
+            ax.fill_between(band["step"], band["min"], band["max"], color=line.get_color(), alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{metric} (nats per image)")
     ax.set_yscale("log")
+    ax.set_title(f"{metric}: mean over seeds; band: min to max over seeds (none for a group of one run)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -101,16 +340,20 @@ def learning_curves(frame: pd.DataFrame, path: Path, metric: str = "val_neg_elbo
 
 
 def manifolds(frame: pd.DataFrame, path: Path) -> Path:
-    """Each run's final manifold (its logged figures/manifold.png), side by side, titled by its settings."""
+    """Each run's final manifold (its logged figures/manifold.png), side by side, the seeds of a setting next to
+    each other, titled by its seed and settings."""
+    runs = settings(frame).sort_values("group", kind="stable")
+    varying = _varying(runs)
     columns = min(4, len(frame))
     rows = -(-len(frame) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.3 * rows), squeeze=False)
     with tempfile.TemporaryDirectory() as scratch:
-        for ax, row in zip(axes.flat, frame.itertuples(index=False)):
-            image = mlflow.artifacts.download_artifacts(run_id=row.run_id, artifact_path="figures/manifold.png",
-                                                        dst_path=os.path.join(scratch, row.run_id))
+        for ax, (index, run) in zip(axes.flat, runs.iterrows()):
+            run_id = frame.at[index, "run_id"]
+            image = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="figures/manifold.png",
+                                                        dst_path=os.path.join(scratch, run_id))
             ax.imshow(Image.open(image))
-            ax.set_title(f"{row.run}\nz={row.latent_dim}, {row.optimizer}, dropout {row.dropout}", fontsize=9)
+            ax.set_title(f"{frame.at[index, 'run']}, seed {run[SEED]}\n{_label(run, varying)}", fontsize=9)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
@@ -119,7 +362,24 @@ def manifolds(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def compare(experiment: str, tags: dict[str, str], out: Path, log: bool = True) -> pd.DataFrame:
+def write_report(frame: pd.DataFrame, points: pd.DataFrame, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tables and the two figures that need no MLflow (all but the manifolds); returns (summary, diffs)."""
+    summary, diffs = summarize(frame), differences(frame)
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "runs.csv", index=False)
+    (out / "runs.md").write_text(_markdown(frame))
+    summary.to_csv(out / "groups.csv", index=False)
+    (out / "groups.md").write_text(groups_markdown(summary))
+    diffs.to_csv(out / "differences.csv", index=False)
+    (out / "differences.md").write_text(differences_markdown(diffs, summary))
+    metrics_against_latent_dim(summary, out / "metrics_vs_latent_dim.png")
+    learning_curves(curves(frame, points), summary, out / "learning_curves.png")
+    return summary, diffs
+
+
+def compare(experiment: str, tags: dict[str, str], out: Path, log: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read the runs from MLflow, write the report into `out` and (unless not `log`) log it; returns
+    (summary, diffs)."""
     tracking.check_reachable()
     mlflow.set_tracking_uri(tracking.tracking_uri())
     runs = training_runs(experiment, tags)
@@ -127,18 +387,14 @@ def compare(experiment: str, tags: dict[str, str], out: Path, log: bool = True) 
         raise StageError(f"no finished training runs in experiment {experiment!r}"
                          + (f" with tags {tags}" if tags else ""))
     frame = table(runs)
-    out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / "runs.csv", index=False)
-    (out / "runs.md").write_text(_markdown(frame))
-    metrics_against_latent_dim(frame, out / "metrics_vs_latent_dim.png")
-    learning_curves(frame, out / "learning_curves.png")
+    summary, diffs = write_report(frame, histories(list(frame["run_id"])), out)
     manifolds(frame, out / "manifolds.png")
     if log:
         experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
         with tracking.store_lock(), mlflow.start_run(experiment_id=experiment_id, run_name="comparison",
                                                      tags={KIND_TAG: "comparison", **tags}):
             mlflow.log_artifacts(str(out), "compare")
-    return frame
+    return summary, diffs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,6 +408,5 @@ def main(argv: list[str] | None = None) -> None:
     bad = [t for t in args.tag if "=" not in t]
     if bad:
         parser.error(f"--tag takes KEY=VALUE, got {bad[0]!r}")
-    frame = compare(args.experiment, dict(t.split("=", 1) for t in args.tag), args.out, log=not args.no_log)
-    print(f"{len(frame)} runs compared -> {args.out}/")
-    print(_markdown(frame))
+    summary, diffs = compare(args.experiment, dict(t.split("=", 1) for t in args.tag), args.out, log=not args.no_log)
+    print(console(summary, diffs, args.out), end="")

@@ -1,25 +1,18 @@
-"""MNIST: fetch the four original files (md5-verified), parse them, split, and save compact tensors."""
+"""MNIST: fetched, md5-verified and parsed by torchvision, split, and saved as compact tensors."""
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import shutil
-import tempfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import torch
 
-# The mirrors and checksums torchvision uses (torchvision.datasets.MNIST).
-MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
-FILES = {
-    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-}
+FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+         "t10k-labels-idx1-ubyte.gz")  # what a mirror folder holds; torchvision knows their md5 sums
 MIRROR_ENV = "VAELAB_MNIST_MIRROR"
 SPLITS = ("train", "val", "test")
 
@@ -42,80 +35,65 @@ def md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sources(mirror: str | None) -> list[str]:
-    return [mirror] if mirror else list(MIRRORS)
+def load_mnist(raw_dir: Path, mirror: str | None = None) -> dict[str, Split]:
+    """The original train and test sets, through `torchvision.datasets.MNIST`: it downloads the four files
+    into `raw_dir`/MNIST/raw (a cache: verified files are not fetched again), checks their md5 sums and
+    parses them. `mirror` (default: $VAELAB_MNIST_MIRROR), a folder or URL holding the four files, replaces
+    torchvision's own mirrors. A failure is one DataError naming the file; a corrupt download is removed."""
+    from torchvision.datasets import MNIST  # here, so that the training core imports with PyTorch alone
 
-
-def _copy_from(source: str, name: str, target: Path) -> None:
-    """Copy `name` from a folder, a file:// URL or an http(s) URL to `target`."""
-    if "://" not in source:
-        shutil.copyfile(Path(source).expanduser() / name, target)
-        return
-    url = source.rstrip("/") + "/" + name
-    with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
-        shutil.copyfileobj(response, out)
-
-
-def fetch(raw_dir: Path, mirror: str | None = None) -> dict[str, Path]:
-    """Make sure the four verified files are in `raw_dir`; download the missing or corrupt ones.
-
-    `mirror` (default: $VAELAB_MNIST_MIRROR) is a folder or URL holding the four files;
-    without one, torchvision's mirrors are tried in turn.
-    """
     mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, expected in FILES.items():
-        path = raw_dir / name
-        if not (path.exists() and md5(path) == expected):
-            errors = []
-            for source in _sources(mirror):
-                with tempfile.NamedTemporaryFile(dir=raw_dir, suffix=".part", delete=False) as part:
-                    part_path = Path(part.name)
-                try:
-                    _copy_from(source, name, part_path)
-                    actual = md5(part_path)
-                    if actual != expected:
-                        raise DataError(f"md5 {actual}, expected {expected} (corrupt or truncated)")
-                    part_path.replace(path)
-                    break
-                except (OSError, DataError) as error:
-                    errors.append(f"  {source}: {error}")
-                finally:
-                    part_path.unlink(missing_ok=True)
-            else:
-                raise DataError(f"MNIST file {name} could not be fetched:\n" + "\n".join(errors))
-        paths[name] = path
-    return paths
-
-
-def _read_idx(path: Path, magic: int, dims: int) -> torch.Tensor:
+    folder, expected_md5 = Path(raw_dir) / "MNIST" / "raw", dict(MNIST.resources)  # torchvision's cache
+    mirrors = MNIST.mirrors
+    if mirror and ("://" not in mirror or mirror.startswith("file://")):
+        # torchvision downloads over http(s) only: a folder's files are copied into its cache, where it finds
+        # them verified and does not fetch them
+        local = Path(url2pathname(urlparse(mirror).path)) if "://" in mirror else Path(mirror).expanduser()
+        _copy_verified(local, folder, expected_md5)
+        mirrors = [local.resolve().as_uri() + "/"]
+    elif mirror:
+        mirrors = [mirror.rstrip("/") + "/"]
+    source = type("MNIST", (MNIST,), {"mirrors": mirrors})  # named MNIST, so that it uses the same folder
     try:
-        data = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError) as error:
-        raise DataError(f"{path.name}: not a readable gzip file ({error})") from None
-    header = 4 * (1 + dims)
-    if len(data) < header or int.from_bytes(data[:4], "big") != magic:
-        raise DataError(f"{path.name}: not an IDX file with magic number {magic}")
-    shape = [int.from_bytes(data[4 * (i + 1) : 4 * (i + 2)], "big") for i in range(dims)]
-    count = 1
-    for size in shape:
-        count *= size
-    if len(data) != header + count:
-        raise DataError(f"{path.name}: {len(data) - header} bytes of data, expected {count} for shape {shape}")
-    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
+        sets = {part: source(str(raw_dir), train=part == "train", download=True) for part in ("train", "test")}
+    except (OSError, RuntimeError) as error:
+        raise DataError(_failure(folder, expected_md5, mirror, error)) from None
+    # .clone(): torchvision's tensors are views into the whole file, header included; saved, they would differ
+    return {part: Split(mnist.data.clone(), mnist.targets) for part, mnist in sets.items()}
 
 
-def read_mnist(paths: dict[str, Path]) -> dict[str, Split]:
-    """Parse the IDX files into the original train and test sets."""
-    sets = {}
-    for part, prefix in (("train", "train"), ("test", "t10k")):
-        images = _read_idx(paths[f"{prefix}-images-idx3-ubyte.gz"], 2051, 3)
-        labels = _read_idx(paths[f"{prefix}-labels-idx1-ubyte.gz"], 2049, 1).long()
-        if len(images) != len(labels):
-            raise DataError(f"{prefix}: {len(images)} images but {len(labels)} labels")
-        sets[part] = Split(images, labels)
-    return sets
+def _copy_verified(mirror: Path, folder: Path, expected_md5: dict[str, str]) -> None:
+    """Copy each of the four files that the cache lacks (or holds corrupt) from the folder `mirror`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        target = folder / name
+        if (folder / name.removesuffix(".gz")).exists() or (target.exists() and md5(target) == expected_md5[name]):
+            continue
+        partial = target.with_name(name + ".part")
+        try:
+            shutil.copyfile(mirror / name, partial)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            raise DataError(f"MNIST file {name} could not be fetched from {mirror}: {error.strerror}") from None
+        if (actual := md5(partial)) != expected_md5[name]:
+            partial.unlink()
+            raise DataError(f"MNIST file {name} from {mirror}: md5 {actual}, expected {expected_md5[name]} "
+                            "(corrupt or truncated)")
+        partial.replace(target)
+
+
+def _failure(folder: Path, expected_md5: dict[str, str], mirror: str | None, error: Exception) -> str:
+    """One line naming the first of the four files that is missing or corrupt, and where it was fetched from."""
+    where = mirror or "torchvision's mirrors"
+    for name in FILES:
+        path = folder / name
+        if path.exists() and (actual := md5(path)) != expected_md5[name]:
+            path.unlink()
+            return f"MNIST file {name} from {where}: md5 {actual}, expected {expected_md5[name]} (corrupt or truncated)"
+        if not path.exists():
+            reason = [line for line in str(error).splitlines() if line.strip()][-1].strip()
+            return f"MNIST file {name} could not be fetched from {where}: {reason}"
+    return f"MNIST files in {folder} could not be read: {error}"
 
 
 def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
@@ -127,7 +105,7 @@ def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Spl
 
 def prepare(raw_dir: Path, val_size: int, seed: int, mirror: str | None = None) -> dict[str, Split]:
     """Fetch, parse and split MNIST into train, val and test."""
-    sets = read_mnist(fetch(raw_dir, mirror))
+    sets = load_mnist(raw_dir, mirror)
     train, val = split_validation(sets["train"], val_size, seed)
     return {"train": train, "val": val, "test": sets["test"]}
 

@@ -1,6 +1,7 @@
 """The seed's pictures: reconstructions, the manifold, the latent scatter, their animations, the curves."""
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import matplotlib
@@ -8,10 +9,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
+from matplotlib import colormaps, font_manager  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 LATENT_LIMIT = 5  # the seed's fixed scatter axes, -5..5
 FRAME_MS = {"manifold": 100, "scatter": 150}  # the seed's GIF frame intervals
+DIGIT_CMAP = "tab10"  # one colour per digit in the latent scatter
+SCATTER_GIF_DPI = 60  # the seed's GIF resolution: the 10-inch scatter figure as 600 x 600 pixel frames
+# Decoded digits look the same with 15 grey levels, and 59 frames stay under 2 MB. An odd count puts a level at
+# mid-grey, where an untrained decoder's outputs sit (they would flicker between two levels, which compresses
+# badly), and leaves a 16th palette entry for the transparent pixels that mark what did not change.
+MANIFOLD_GIF_GREYS = 15
+TITLE_PX = 18  # the manifold title's font size in pixels; a title wider than the grid is set smaller
+TITLE_BAND_PX = 30  # the white band above the manifold that holds its title
 
 
 def _save(fig, path: Path) -> Path:
@@ -20,12 +30,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _animate(fig, show, frames: int, interval_ms: int, path: Path) -> Path:
-    """Save `show(i)` for each frame as a GIF with Pillow (no ImageMagick needed)."""
-    FuncAnimation(fig, show, frames=frames, interval=interval_ms).save(
-        path, writer=PillowWriter(fps=1000 / interval_ms), dpi=60
-    )
-    plt.close(fig)
+def _save_gif(frames: list[Image.Image], frame_ms: int, path: Path) -> Path:
+    """A GIF that loops forever; Pillow's optimisation trims each frame's palette to the colours it uses and
+    stores only what changed since the previous frame."""
+    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0,
+                   optimize=True)
     return path
 
 
@@ -40,30 +49,42 @@ def reconstructions(originals: np.ndarray, decoded: np.ndarray, path: Path) -> P
     return _save(fig, path)
 
 
-def _manifold_axes(image: np.ndarray, title: str):
-    fig, ax = plt.subplots(figsize=(10, 10))
-    artist = ax.imshow(image, cmap="Greys_r", vmin=0, vmax=255)
-    ax.set_title(title)
-    ax.axis("off")
-    return fig, ax, artist
+@lru_cache
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans, matplotlib's own font, so that the titles match the other figures'."""
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+
+
+def _title_font(title: str, width: int) -> ImageFont.FreeTypeFont:
+    """TITLE_PX, or smaller so that the title fills at most 95% of `width` (a long note on the still)."""
+    fitting_px = int(0.95 * width * TITLE_PX / _font(TITLE_PX).getlength(title))
+    return _font(min(TITLE_PX, fitting_px))
+
+
+def _manifold_frame(image: np.ndarray, title: str) -> Image.Image:
+    """The uint8 grid pixel for pixel (no resampling, so every digit stays crisp) under a band with its title."""
+    grid = Image.fromarray(image)
+    frame = Image.new("L", (grid.width, TITLE_BAND_PX + grid.height), 255)
+    frame.paste(grid, (0, TITLE_BAND_PX))
+    ImageDraw.Draw(frame).text((grid.width / 2, TITLE_BAND_PX / 2), title, fill=0, anchor="mm",
+                               font=_title_font(title, grid.width))
+    return frame
 
 
 def manifold(image: np.ndarray, epoch: int, latent_dim: int, path: Path) -> Path:
     """The decoded 15x15 grid (uint8 image) over the first two latent dimensions, the others at zero."""
     note = "" if latent_dim <= 2 else f" (z[0], z[1]; the other {latent_dim - 2} dims at 0)"
-    fig, _, _ = _manifold_axes(image, f"Epoch: {epoch}{note}")
-    return _save(fig, path)
+    _manifold_frame(image, f"Epoch: {epoch}{note}").save(path)
+    return path
 
 
 def manifold_animation(images: np.ndarray, epochs: list[int], path: Path) -> Path:
-    fig, ax, artist = _manifold_axes(images[0], f"Epoch: {epochs[0]}")
-
-    def show(i):
-        artist.set_array(images[i])
-        ax.set_title(f"Epoch: {epochs[i]}")
-        return (artist,)
-
-    return _animate(fig, show, len(images), FRAME_MS["manifold"], path)
+    """One frame per snapshot, with its greys rounded to MANIFOLD_GIF_GREYS levels: the 256 levels of a decoded
+    grid defeat the GIF's compression (about 130 kB a frame against 30 kB)."""
+    step = 255 / (MANIFOLD_GIF_GREYS - 1)
+    rounded_grey = [round(round(value / step) * step) for value in range(256)]
+    frames = [_manifold_frame(image, f"Epoch: {epoch}").point(rounded_grey) for image, epoch in zip(images, epochs)]
+    return _save_gif(frames, FRAME_MS["manifold"], path)
 
 
 def projection(final_means: np.ndarray) -> tuple[np.ndarray, str]:
@@ -81,7 +102,7 @@ def projection(final_means: np.ndarray) -> tuple[np.ndarray, str]:
 
 def _scatter_axes(points: np.ndarray, labels: np.ndarray, title: str):
     fig, ax = plt.subplots(figsize=(10, 10))
-    artist = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=4)
+    artist = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap=DIGIT_CMAP, vmin=-0.5, vmax=9.5, s=4)
     fig.colorbar(artist, ax=ax, ticks=range(10), label="digit")
     ax.set_xlim(-LATENT_LIMIT, LATENT_LIMIT)
     ax.set_ylim(-LATENT_LIMIT, LATENT_LIMIT)
@@ -96,16 +117,38 @@ def latent_scatter(means: np.ndarray, labels: np.ndarray, epoch: int, path: Path
     return _save(fig, path)
 
 
+def _scatter_palette() -> Image.Image:
+    """The scatter GIF's 32 colours: the ten digit colours, their half tints on white (the dots' antialiased
+    edges) and twelve greys (text and axes). A fixed palette keeps every digit's colour exact in every frame."""
+    digits = np.array(colormaps[DIGIT_CMAP].colors)
+    greys = np.linspace(0, 1, 12)[:, None].repeat(3, axis=1)
+    colours = np.concatenate([digits, (digits + 1) / 2, greys])
+    palette = Image.new("P", (1, 1))
+    palette.putpalette(np.round(colours * 255).astype(np.uint8).ravel().tolist())
+    return palette
+
+
 def latent_scatter_animation(frames: np.ndarray, labels: np.ndarray, epochs: list[int], path: Path) -> Path:
+    """The figure is drawn once without its dots and title, which are then drawn over a copy for each frame:
+    the axes and colour key would otherwise be redrawn 59 times over."""
     basis, name = projection(frames[-1])
-    fig, ax, artist = _scatter_axes(frames[0] @ basis, labels, f"Epoch: {epochs[0]} — {name}")
-
-    def show(i):
-        artist.set_offsets(frames[i] @ basis)
-        ax.set_title(f"Epoch: {epochs[i]} — {name}")
-        return (artist,)
-
-    return _animate(fig, show, len(frames), FRAME_MS["scatter"], path)
+    fig, ax, points = _scatter_axes(frames[0] @ basis, labels, "")
+    fig.set_dpi(SCATTER_GIF_DPI)
+    points.set_visible(False)
+    fig.canvas.draw()
+    background = fig.canvas.copy_from_bbox(fig.bbox)
+    points.set_visible(True)
+    palette, images = _scatter_palette(), []
+    for means, epoch in zip(frames, epochs):
+        fig.canvas.restore_region(background)
+        points.set_offsets(means @ basis)
+        ax.title.set_text(f"Epoch: {epoch} — {name}")
+        ax.draw_artist(points)
+        ax.draw_artist(ax.title)
+        rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
+        images.append(rgb.quantize(palette=palette, dither=Image.Dither.NONE))
+    plt.close(fig)
+    return _save_gif(images, FRAME_MS["scatter"], path)
 
 
 def learning_curves(history: list[dict[str, float]], path: Path) -> Path:

@@ -30,6 +30,7 @@ import torch
 
 from vaelab import bench, data, metrics, training
 from vaelab.config import Params
+from vaelab.stages import write_rows
 
 CUDA_TESTS = ["tests/test_backprop.py", "tests/test_training.py", "-k", "cuda"]
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         figures, history = attempt("literature", lambda: literature_run(splits)) or (None, None)
         if figures:
             save("literature", figures)
-            training.save_history(history, args.out.with_name("literature_history.csv"))
+            write_rows(history, args.out.with_name("literature_history.csv"))
         return report
     if "tests" not in args.skip:
         save("tests", run_cuda_tests())

@@ -152,6 +152,21 @@ def test_results(model: VAE, test_x, test_labels, train_x, train_labels, seed: i
     return {f"test_{k}": v for k, v in results.items()}
 
 
+HEADLINE = ("test_neg_elbo", "test_reconstruction", "test_kl", "test_iwae_nll", "test_elbo_gap", "test_active_units",
+            "test_latent_classifier_accuracy", "test_mse_per_pixel", "test_seed_loss")
+
+
+def split_results(results: dict[str, float]) -> tuple[dict[str, float], list[dict], list[dict]]:
+    """The DVC metrics file's headline numbers (the same keys whatever the latent size, so `dvc exp show` has
+    the same few columns for every experiment), and the per-digit and per-dimension values as rows for DVC's
+    plots; MLflow gets all of them as metrics."""
+    headline = {key: results[key] for key in HEADLINE}
+    digits = [{"digit": d, "test_neg_elbo": results[f"test_neg_elbo_digit_{d}"]} for d in range(10)]
+    dimensions = [{"dimension": int(k.removeprefix("test_kl_z")), "test_kl": v}
+                  for k, v in results.items() if k.startswith("test_kl_z")]
+    return headline, digits, dimensions
+
+
 def evaluation_report(results: dict[str, float], binarize: str, samples: int) -> str:
     """reports/evaluation.md: what each test number means, and its caveats."""
     proper = binarize != "none"

@@ -2,6 +2,7 @@
 any work, and outputs that appear whole or not at all."""
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import signal
@@ -93,3 +94,17 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """A table as CSV with a header, for `dvc plots` (learning curves, per-digit and per-dimension values)."""
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """The train stage's history CSV back as rows: the epoch an int, the rest floats."""
+    with open(path, newline="") as file:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(file)]

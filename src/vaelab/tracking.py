@@ -20,19 +20,23 @@ from urllib.parse import urlsplit, urlunsplit
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 import vaelab
 from vaelab.config import Params
+from vaelab.data import md5
 from vaelab.model import load_vae
 from vaelab.stages import StageError, project_root
 
 EXPERIMENT_NAME = "vaelab"
 STORE_FILE = "mlflow.db"  # MLflow's own default name for a SQLite store
 ARTIFACT_DIR = "mlartifacts"  # beside the SQLite store, as `mlflow server` names it
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3 opens other experiments in its GenAI view
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # what kind of experiment this is; MLflow 3.17's UI ignores it
 PARAMS_TAG, HOST_TAG, PID_TAG = "vaelab.params_digest", "vaelab.host", "vaelab.pid"
 THREADS_TAG = "vaelab.torch_threads"  # CPU threads of the run (OMP_NUM_THREADS): speed and float rounding
 REACHABLE_TIMEOUT_S = 5
@@ -115,21 +119,37 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     return experiment.experiment_id
 
 
-def _git_commit() -> str | None:
+def ui_link(base_url: str = "http://127.0.0.1:5000", uri: str = f"sqlite:///{STORE_FILE}") -> str:
+    """The page to open in `mlflow ui`: the experiment's runs table in MLflow 3's "Model training" view
+    (3.17 opens an experiment in its GenAI view otherwise, whatever its tags), or the home page before the
+    first run. Reading a store that does not exist would create it, so that is checked first."""
+    database = _sqlite_path(uri)
+    if database is None or database.exists():
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME)
+        experiment = MlflowClient(uri).get_experiment_by_name(name)
+        if experiment is not None and experiment.lifecycle_stage == "active":
+            return f"{base_url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    return base_url
+
+
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
     except OSError:
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
 def run_tags(params: Params) -> dict[str, str]:
-    """The git commit, who runs it with how many CPU threads, and under `dvc exp run` the DVC experiment's
-    name and baseline."""
+    """The git commit, who runs it with how many CPU threads, and a name that says what was trained: under
+    `dvc exp run` the DVC experiment's name (with its baseline), under `dvc repro` the branch and short
+    commit, e.g. `main@1a2b3c4`."""
     tags = {PARAMS_TAG: params.digest(), HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
             THREADS_TAG: str(torch.get_num_threads())}
-    if commit := _git_commit():
+    if commit := _git("rev-parse", "HEAD"):
         tags["mlflow.source.git.commit"] = commit
+        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+        tags["mlflow.runName"] = f"{branch}@{commit[:7]}" if branch and branch != "HEAD" else commit[:7]
     if name := os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = name
         tags["mlflow.runName"] = name
@@ -193,6 +213,19 @@ class TrainingRun:
         except MlflowException:
             return False
         return True
+
+    def log_training_data(self, data_dir: Path, contexts: dict[str, str]) -> None:
+        """The prepared splits the run trains on, as MLflow dataset inputs (the runs table's Dataset column):
+        each named `mnist-<split>`, its digest the md5 that DVC records for the file, its source the file's
+        path in the project; `contexts` maps each split to its role (training, validation)."""
+        inputs = []
+        for split, context in contexts.items():
+            path = Path(data_dir) / f"{split}.pt"
+            source = get_dataset_source_from_json(json.dumps({"uri": path.as_posix()}), source_type="local")
+            dataset = MetaDataset(source, name=f"mnist-{split}", digest=md5(path))._to_mlflow_entity()
+            inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        with store_lock():
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_epoch(self, row: dict[str, float]) -> None:
         now = int(time.time() * 1000)

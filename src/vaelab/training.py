@@ -4,7 +4,6 @@ Importable with torch alone (no MLflow, no DVC): the caller observes progress th
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import random
@@ -328,16 +327,3 @@ def _restore(path: Path, model, optimizer, shuffle, history, snapshots: Snapshot
     for name in ("epochs", "manifolds", "latent_means"):
         getattr(snapshots, name).extend(state["snapshots"][name])
     return state["epoch"]
-
-
-def save_history(history: list[dict[str, float]], path) -> None:
-    """One row per epoch, for `dvc plots` and the learning-curve figure."""
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-
-
-def load_history(path) -> list[dict[str, float]]:
-    with open(path, newline="") as file:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(file)]
