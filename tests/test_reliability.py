@@ -190,3 +190,44 @@ def test_after_kill_9_the_same_experiment_resumes_its_run_and_ends_bit_for_bit_a
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
     assert (root / "reports" / "history.csv").read_text() == (whole / "reports" / "history.csv").read_text()
     assert not list((root / ".vaelab" / "checkpoints").iterdir())  # cleaned up once the outputs exist
+
+
+def _train(root: Path) -> None:
+    result = subprocess.run(TRAIN, cwd=root, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_run_killed_with_9_is_closed_by_the_next_training_whatever_its_parameters_and_resumes_later(
+    tmp_path, small_data
+):
+    """A crash leaves a run RUNNING; the next training on this host, even of other parameters, marks it
+    KILLED, and its checkpoint still resumes it into the same run when its parameters train again."""
+    root = _project(tmp_path / "project", small_data, epochs=12)
+    process = _start_and_wait_for_checkpoint(root)
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    client, [killed] = _runs(root)
+    assert killed.info.status == "RUNNING"
+
+    (root / "params.yaml").write_text(yaml.safe_dump({**Params(device="cpu", batch_size=250).to_dict(), "epochs": 2}))
+    _train(root)
+    _, runs = _runs(root)
+    assert {run.info.run_id: run.info.status for run in runs} == {
+        killed.info.run_id: "KILLED", next(r.info.run_id for r in runs if r.info.run_id != killed.info.run_id): "FINISHED"}
+    assert list((root / ".vaelab").glob("checkpoints/*/state.pt"))  # the killed run's checkpoint is kept
+
+    (root / "params.yaml").write_text(yaml.safe_dump({**Params(device="cpu", batch_size=250).to_dict(), "epochs": 12}))
+    _train(root)
+    assert client.get_run(killed.info.run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "val_neg_elbo")]
+    assert sorted(steps) == list(range(1, 13))  # every epoch once, across the kill
+    assert len(_runs(root)[1]) == 2
+
+
+def test_a_dropout_too_high_to_train_is_named_as_the_cause(tmp_path, small_data):
+    """dropout: 0.99999 passes validation but scales the few kept units by 65,536: the message says so."""
+    root = _project(tmp_path / "project", small_data, dropout=0.99999, epochs=1)
+    result = subprocess.run(TRAIN, cwd=root, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "dropout 0.99999 keeps 0.001% of the units" in result.stderr and "use a dropout below 0.95" in result.stderr
+    assert not (root / "models" / "vae.pt").exists()

@@ -56,7 +56,8 @@ def paths(argv: list[str], *names: str) -> list[Path]:
 def check_writable(*outputs: Path) -> None:
     """Fail before any work if an output could not be created; leaves nothing behind."""
     for output in outputs:
-        ancestor = Path(os.path.abspath(output))
+        path = Path(os.path.abspath(output))
+        ancestor = path if path.is_dir() else path.parent  # an existing file is replaced: its folder must be writable
         while not ancestor.exists():
             ancestor = ancestor.parent
         try:

@@ -168,17 +168,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _close_orphans(client: MlflowClient, experiment_id: str, params: Params, keep: str | None) -> None:
-    """Mark KILLED the RUNNING runs of these parameters whose process on this host is gone (kill -9)."""
+def _close_orphans(client: MlflowClient, experiment_id: str, keep: str | None) -> None:
+    """Mark KILLED the RUNNING runs, whatever their parameters, whose process on this host is gone (kill -9, a
+    crash, a power cut). Their checkpoints stay: training those parameters again resumes the same run."""
     orphans = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{PARAMS_TAG}` = '{params.digest()}' and attributes.status = 'RUNNING'",
+        filter_string=f"tags.`{HOST_TAG}` = '{socket.gethostname()}' and attributes.status = 'RUNNING'",
     )
     for run in orphans:
         tags = run.data.tags
-        if run.info.run_id != keep and tags.get(HOST_TAG) == socket.gethostname() and not _alive(
-            int(tags.get(PID_TAG, "0"))
-        ):
+        if run.info.run_id != keep and not _alive(int(tags.get(PID_TAG, "0"))):
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
@@ -195,7 +194,7 @@ class TrainingRun:
         with store_lock():
             experiment_id = _experiment_id(self.client, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME))
             self.run_id = resume_id if resume_id and self._exists(resume_id) else None
-            _close_orphans(self.client, experiment_id, params, keep=self.run_id)
+            _close_orphans(self.client, experiment_id, keep=self.run_id)
             if self.run_id:
                 self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
                 self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])

@@ -211,6 +211,22 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and step."""
 
 
+HIGH_DROPOUT = 0.95  # above this, the kept units' scale 1/(1-p) can overflow exp(log_var) at the first step
+
+
+def _divergence_causes(params: Params, first_step: bool) -> str:
+    """What most likely made the loss infinite, named for the user. A first step's loss comes before any update,
+    so the learning rate cannot have caused it."""
+    causes = []
+    if params.dropout >= HIGH_DROPOUT:
+        keep = 1 - params.dropout
+        causes.append(f"dropout {params.dropout} keeps {keep:.3%} of the units and scales each by {1 / keep:,.0f}, "
+                      f"which overflows the activations; use a dropout below {HIGH_DROPOUT}")
+    if not first_step:
+        causes.append(f"lr {params.lr} may be too large")
+    return "; ".join(causes) or "the very first step overflowed, before any update: check the inputs"
+
+
 @dataclass
 class Checkpointing:
     """Where and how often `train` saves everything needed to resume bit for bit: weights, optimizer state,
@@ -272,7 +288,7 @@ def train(
             bad = int((~torch.isfinite(step_losses)).nonzero()[0])
             raise TrainingDiverged(
                 f"the loss is {step_losses[bad].item()} at epoch {epoch}, step {bad + 1} of {len(batches)}; "
-                f"training stopped (lr {params.lr} may be too large)"
+                f"training stopped ({_divergence_causes(params, first_step=epoch == 1 and bad == 0)})"
             )
         row = {"epoch": epoch, **rates}
         row.update({f"train_{k}": v for k, v in _summary(totals / seen).items()})
