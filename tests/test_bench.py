@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vaelab.bench import main, training_gflop_per_epoch
+from vaelab.bench import MATMUL_KERNELS, main, matmul_floor_seconds, step_products, training_gflop_per_epoch
 from vaelab.model import VAE, ModelConfig, negative_elbo
 
 
@@ -27,3 +27,14 @@ def test_bad_arguments_exit_2_naming_the_problem_and_write_nothing(tmp_path, cap
         main([*arguments, "--out", str(out)])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_steps_products_are_the_counted_flops_and_each_kernel_computes_the_same_product():
+    products = step_products(latent_dim=8, batch=100)
+    assert 2 * sum(m * k * n for m, k, n in products) == training_gflop_per_epoch(8, 100) * 1e9
+    a, b = torch.randn(100, 784), torch.randn(784, 256)
+    for name, product in MATMUL_KERNELS.items():
+        torch.testing.assert_close(product(a, b), a @ b, rtol=1e-4, atol=1e-3, msg=name)
+    floor = matmul_floor_seconds(latent_dim=2, batch=500, images=1000, repeats=2)
+    assert set(floor) == {*MATMUL_KERNELS, "fastest per product"}
+    assert 0 < floor["fastest per product"] <= min(floor[name] for name in MATMUL_KERNELS)

@@ -61,12 +61,48 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> f
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def training_gflop_per_epoch(latent_dim: int, images: int) -> float:
-    """Matrix-product FLOPs of one epoch: forward, weight gradient and (except the first layer) input gradient."""
+def step_products(latent_dim: int, batch: int) -> list[tuple[int, int, int]]:
+    """The (m, k, n) of every matrix product of one training step: for each layer the forward product, the
+    weight gradient and (except the first layer) the input gradient."""
     layers = [(IMAGE_PIXELS, HIDDEN[0]), (HIDDEN[0], HIDDEN[1]), (HIDDEN[1], 2 * latent_dim),
               (latent_dim, HIDDEN[1]), (HIDDEN[1], HIDDEN[0]), (HIDDEN[0], IMAGE_PIXELS)]
-    products = sum((2 if i == 0 else 3) * n_in * n_out for i, (n_in, n_out) in enumerate(layers))
-    return 2 * products * images / 1e9
+    products = []
+    for i, (n_in, n_out) in enumerate(layers):
+        products += [(batch, n_in, n_out), (n_out, batch, n_in)] + ([(batch, n_out, n_in)] if i else [])
+    return products
+
+
+def training_gflop_per_epoch(latent_dim: int, images: int) -> float:
+    """Matrix-product FLOPs of one epoch (`step_products` over all its images)."""
+    return 2 * sum(m * k * n for m, k, n in step_products(latent_dim, 1)) * images / 1e9
+
+
+MATMUL_KERNELS = {  # a (m, k) times b (k, n), as PyTorch offers it on a CPU
+    "torch.mm (MKL)": lambda a, b: torch.mm(a, b),
+    "oneDNN linear": lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], ""),
+}
+
+
+def matmul_floor_seconds(latent_dim: int, batch: int, images: int, repeats: int = 20) -> dict[str, float]:
+    """Seconds per epoch that the step's matrix products alone take with each fp32 kernel PyTorch offers on
+    this CPU, and with the fastest kernel for each product: the epoch's floor at this machine's rates."""
+    floors = {name: 0.0 for name in MATMUL_KERNELS} | {"fastest per product": 0.0}
+    for m, k, n in step_products(latent_dim, batch):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        seconds = {}
+        for name, product in MATMUL_KERNELS.items():
+            product(a, b)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                product(a, b)
+                times.append(time.perf_counter() - start)
+            seconds[name] = statistics.median(times)
+        for name, value in seconds.items():
+            floors[name] += value
+        floors["fastest per product"] += min(seconds.values())
+    steps = images / batch
+    return {name: round(value * steps, 4) for name, value in floors.items()}
 
 
 def baseline_epoch_seconds(params: Params, images: torch.Tensor, epochs: int) -> list[float]:
@@ -197,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{processor_name(device)}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
     peak = matmul_gflops(device)
     print(f"matrix multiply: {peak:.0f} GFLOP/s")
+    floor = matmul_floor_seconds(params.latent_dim, params.batch_size, len(train_x)) if device.type == "cpu" else None
+    print(f"an epoch's matrix products alone, s: {floor}")
 
     baseline_x = train_x.to(device)  # the plain loop's data set, on the device once for every round
     baseline, project, logging_share = [], [], []
@@ -233,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
         "gflop_per_epoch": round(gflop, 1),
         "project_gflops": round(gflop / proj_s, 1),
         "project_fraction_of_matmul_peak": round(gflop / proj_s / peak, 3),
+        "matmul_floor_s_per_epoch": floor,
+        "project_fraction_of_floor": None if floor is None else round(min(floor.values()) / proj_s, 3),
         "mlflow_logging_share": None if None in logging_share else round(max(logging_share), 4),
         "evaluate_s": round(evaluate, 3),
         "render_s": None if render is None else round(render, 2),
