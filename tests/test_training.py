@@ -2,6 +2,7 @@
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -158,3 +159,16 @@ print(len(result.history), len(seconds), logging_share)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2", "2", "None"]  # two epochs trained and timed, no logging share
+
+
+def test_checkpoints_are_written_every_so_many_seconds_and_at_the_last_epoch(mnist, tmp_path, monkeypatch):
+    """A clock that ticks one second per reading: with every_seconds=3 the checkpoints fall on epochs 3, 6 and
+    the last, not on every epoch once the first interval has passed."""
+    ticks = iter(range(1, 1000))
+    monkeypatch.setattr("vaelab.training.time", SimpleNamespace(monotonic=lambda: next(ticks)))
+    epochs, saved = [], []
+    checkpointing = Checkpointing(tmp_path / "state.pt", every_seconds=3, before_save=lambda: saved.append(epochs[-1]))
+    images = data.to_float(mnist["train"].images[:300])
+    train(Params(epochs=8, batch_size=100, device="cpu"), images[:200], images[200:], images[:10],
+          on_epoch=lambda row: epochs.append(row["epoch"]), checkpointing=checkpointing)
+    assert saved == [3, 6, 8]

@@ -251,9 +251,9 @@ def train(
     Each history row holds the epoch, its learning rate `lr` and `kl_weight`, and for `train_` and `val_`:
     the seed's scaled `loss` and the negative ELBO, reconstruction and KL terms in nats per image (the true
     ELBO whatever the KL weight), and `train_objective`, what the epoch minimised (reconstruction +
-    kl_weight * KL). With `checkpointing`, a run whose
-    checkpoint exists continues from it, with the same result as if it had never stopped. `step_mode` is
-    the TrainingStep's: by default `graphs` on a GPU and `eager` on the CPU; the benchmark times the others.
+    kl_weight * KL). With `checkpointing`, a run whose checkpoint exists continues from it, with the same
+    result as if it had never stopped. `step_mode` is the TrainingStep's: by default `graphs` on a GPU and
+    `eager` on the CPU; the benchmark times the others.
     """
     device = resolve_device(params.device)
     step_mode = step_mode or ("graphs" if device.type == "cuda" else "eager")
@@ -307,8 +307,7 @@ def train(
             if checkpointing.before_save is not None:
                 checkpointing.before_save()
             _save(checkpointing.path, epoch, model, optimizer, shuffle, history, snapshots)
-            step = TrainingStep(model, optimizer, train_images, params.binarize, step_mode)
-    last_save = time.monotonic()
+            last_save = time.monotonic()
     model.eval()
     return TrainResult(model.cpu(), history, snapshots)
 
