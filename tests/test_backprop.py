@@ -26,7 +26,8 @@ def _autograd_step(model: VAE, x: torch.Tensor, masks: list[torch.Tensor], kl_we
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dropout, latent_dim, kl_weight", [(0.3, 2, 1.0), (0.0, 5, 1.0), (0.3, 4, 0.25), (0.0, 3, 4.0)])
+@pytest.mark.parametrize("dropout, latent_dim, kl_weight",
+                         [(0.3, 2, 1.0), (0.0, 5, 1.0), (0.3, 4, 0.25), (0.0, 3, 4.0)])
 def test_gradients_statistics_and_batchnorm_state_match_autograd(mnist, dropout, latent_dim, kl_weight, device):
     torch.manual_seed(0)
     model = VAE(ModelConfig(latent_dim, dropout)).to(device).train()

@@ -212,8 +212,9 @@ def test_a_run_killed_with_9_is_closed_by_the_next_training_whatever_its_paramet
     (root / "params.yaml").write_text(yaml.safe_dump({**Params(device="cpu", batch_size=250).to_dict(), "epochs": 2}))
     _train(root)
     _, runs = _runs(root)
-    assert {run.info.run_id: run.info.status for run in runs} == {
-        killed.info.run_id: "KILLED", next(r.info.run_id for r in runs if r.info.run_id != killed.info.run_id): "FINISHED"}
+    [other] = [run for run in runs if run.info.run_id != killed.info.run_id]
+    assert {run.info.run_id: run.info.status for run in runs} == {killed.info.run_id: "KILLED",
+                                                                    other.info.run_id: "FINISHED"}
     assert list((root / ".vaelab").glob("checkpoints/*/state.pt"))  # the killed run's checkpoint is kept
 
     (root / "params.yaml").write_text(yaml.safe_dump({**Params(device="cpu", batch_size=250).to_dict(), "epochs": 12}))

@@ -77,9 +77,12 @@ def _copy_verified(mirror: Path, folder: Path, expected_md5: dict[str, str]) -> 
             raise DataError(f"MNIST file {name} could not be fetched from {mirror}: {error.strerror}") from None
         if (actual := md5(partial)) != expected_md5[name]:
             partial.unlink()
-            raise DataError(f"MNIST file {name} from {mirror}: md5 {actual}, expected {expected_md5[name]} "
-                            "(corrupt or truncated)")
+            raise DataError(_corrupt(name, mirror, actual, expected_md5[name]))
         partial.replace(target)
+
+
+def _corrupt(name: str, where: object, actual: str, expected: str) -> str:
+    return f"MNIST file {name} from {where}: md5 {actual}, expected {expected} (corrupt or truncated)"
 
 
 def _failure(folder: Path, expected_md5: dict[str, str], mirror: str | None, error: Exception) -> str:
@@ -89,7 +92,7 @@ def _failure(folder: Path, expected_md5: dict[str, str], mirror: str | None, err
         path = folder / name
         if path.exists() and (actual := md5(path)) != expected_md5[name]:
             path.unlink()
-            return f"MNIST file {name} from {where}: md5 {actual}, expected {expected_md5[name]} (corrupt or truncated)"
+            return _corrupt(name, where, actual, expected_md5[name])
         if not path.exists():
             reason = [line for line in str(error).splitlines() if line.strip()][-1].strip()
             return f"MNIST file {name} could not be fetched from {where}: {reason}"

@@ -100,9 +100,9 @@ def importance_log_likelihood(model: VAE, images: torch.Tensor, samples: int, ma
     Vectorised over images and samples: the z of up to `max_rows` samples are drawn at once (so the random
     numbers, and the estimate, do not depend on `block_rows`), then decoded and scored about `block_rows` at a
     time: by default on a CPU a block small enough that its logits stay in cache between passes, on a GPU the
-    whole chunk, since there a block's cost is its kernel launches. With K = 1 this is the
-    ELBO; it grows towards log p(x) as K grows. `model` must be in eval mode. `on_progress` is called with
-    the number of images done after each chunk (K = 5000 takes minutes on a CPU)."""
+    whole chunk, since there a block's cost is its kernel launches. With K = 1 this is the ELBO; it grows
+    towards log p(x) as K grows. `model` must be in eval mode. `on_progress` is called with the number of
+    images done after each chunk (K = 5000 takes minutes on a CPU)."""
     images_per_chunk = max(1, max_rows // samples)
     sample_chunk = min(samples, max_rows)
     block_rows = block_rows or (DECODE_BLOCK_ROWS if images.device.type == "cpu" else max_rows)
