@@ -20,7 +20,7 @@ def main(argv):
     data_dir, model_dir, metrics_json, per_digit_csv, per_dimension_csv, evaluation_md = paths(
         argv, "DATA_DIR", "MODEL_DIR", "METRICS_JSON", "PER_DIGIT_CSV", "PER_DIMENSION_CSV", "EVALUATION_MD")
     check_writable(metrics_json, per_digit_csv, per_dimension_csv, evaluation_md)
-    tracking.check_reachable()
+    tracking.check_reachable(patient=True)  # the run exists: a server away may be restarting
     device = resolve_device(params.device)
     model = load_vae(model_dir / "vae.pt").to(device)
     train, test = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
@@ -40,12 +40,12 @@ def main(argv):
             write_rows(rows, path)
     with atomic_file(evaluation_md) as path:
         path.write_text(metrics.evaluation_report(results, params.binarize, params.iwae_samples))
-    with tracking.resumed_run(model_dir / "run.json"):
-        tracking.log_metrics({**results, "iwae_samples": params.iwae_samples})  # the K of test_iwae_nll
-        tracking.log_artifact(evaluation_md)
     for key in ("test_neg_elbo", "test_iwae_nll", "test_elbo_gap", "test_active_units",
                 "test_latent_classifier_accuracy", "test_mse_per_pixel"):
         print(f"{key}: {results[key]:.4f}")
+    tracking.add_to_run(model_dir / "run.json", "the test metrics and evaluation.md",
+                        metrics={**results, "iwae_samples": params.iwae_samples},  # the K of test_iwae_nll
+                        artifacts={evaluation_md: None})
 
 
 if __name__ == "__main__":

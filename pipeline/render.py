@@ -17,7 +17,7 @@ def main(argv):
     load()  # validate params.yaml, though no picture depends on it
     data_dir, model_dir, history_csv, figures_dir = paths(argv, "DATA_DIR", "MODEL_DIR", "HISTORY_CSV", "FIGURES_DIR")
     check_writable(figures_dir)
-    tracking.check_reachable()
+    tracking.check_reachable(patient=True)  # the run exists: a server away may be restarting
     model = load_vae(model_dir / "vae.pt")
     snapshots = torch.load(model_dir / "snapshots.pt", weights_only=True)
     epochs = snapshots["epochs"].tolist()
@@ -33,9 +33,8 @@ def main(argv):
         figures.latent_scatter(means[-1], labels, epochs[-1], out / "latent_scatter.png")
         figures.latent_scatter_animation(means, labels, epochs, out / "latent_scatter.gif")
         figures.learning_curves(read_history(history_csv), out / "learning_curves.png")
-    with tracking.resumed_run(model_dir / "run.json"):
-        tracking.log_artifacts(figures_dir, "figures")
     print(f"{len(list(figures_dir.iterdir()))} figures ({len(epochs)} animation frames) -> {figures_dir}")
+    tracking.add_to_run(model_dir / "run.json", "the figures", artifacts={figures_dir: "figures"})
 
 
 if __name__ == "__main__":

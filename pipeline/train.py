@@ -4,6 +4,9 @@ usage: python pipeline/train.py DATA_DIR MODEL_DIR HISTORY_CSV
 
 An interrupted training (Ctrl-C, SIGTERM, kill -9) resumes from its checkpoint when run again with the
 same parameters, in the same MLflow run. Checkpoints live in .vaelab/checkpoints/, outside DVC's outputs.
+A tracking server that goes away mid-run stops nothing: the metrics wait and go out when it is back; if it
+is still away when training ends, the outputs are written, the checkpoint is kept, and running the stage
+again sends what waits into the same run without training again.
 """
 import os
 import shutil
@@ -39,10 +42,15 @@ def main(argv):
 
         def on_epoch(row):
             run.log_epoch(row)
-            bar.set_postfix(train=f"{row['train_neg_elbo']:.1f}", val=f"{row['val_neg_elbo']:.1f}", refresh=False)
+            if news := run.news():
+                bar.write(news)
+            status = {"train": f"{row['train_neg_elbo']:.1f}", "val": f"{row['val_neg_elbo']:.1f}"}
+            if run.away:
+                status["mlflow"] = f"away ({run.backlog} epochs wait)"
+            bar.set_postfix(status, refresh=False)
             bar.update(row["epoch"] - bar.n)  # a resumed run starts past its checkpoint's epoch
 
-        checkpointing = training.Checkpointing(checkpoint_dir / "state.pt", CHECKPOINT_SECONDS, run.flush)
+        checkpointing = training.Checkpointing(checkpoint_dir / "state.pt", CHECKPOINT_SECONDS)
         try:
             result = training.train(
                 params, data.model_inputs(train_set.images, params.binarize, "train"),
@@ -53,19 +61,25 @@ def main(argv):
         except training.TrainingDiverged as diverged:
             shutil.rmtree(checkpoint_dir)  # resuming would only diverge again
             raise StageError(str(diverged)) from None
-        bar.update(params.epochs - bar.n)  # epochs restored from a checkpoint
+        bar.close()
         with atomic_file(model_dir / "snapshots.pt") as path:
             torch.save(result.snapshots.to_dict(snapshot_set.labels), path)
         with atomic_file(history_csv) as path:
             write_rows(result.history, path)
         with atomic_file(model_dir / "vae.pt") as path:
             save_vae(result.model, path)
-        tracking.log_model(run.run_id, model_dir / "vae.pt", params.latent_dim)
         with atomic_file(model_dir / "run.json") as path:
             tracking.write_run_id(path, run.run_id)
+        try:
+            run.end("FINISHED", model=(model_dir / "vae.pt", params.latent_dim))
+        except tracking.TrackerAway as away:  # the checkpoint stays, so that rerun trains nothing
+            kept = checkpoint_dir.relative_to(project_root())
+            raise tracking.TrackerAway(f"{away}; the checkpoint {kept} makes that rerun skip the training") from None
     shutil.rmtree(checkpoint_dir)
     last = result.history[-1]
-    print(f"epoch {last['epoch']}: val negative ELBO {last['val_neg_elbo']:.2f} nats/image; MLflow run {run.run_id}")
+    resumed = f" (resumed from its checkpoint at epoch {result.resumed_at})" if result.resumed_at else ""
+    print(f"epoch {last['epoch']}{resumed}: val negative ELBO {last['val_neg_elbo']:.2f} nats/image; "
+          f"MLflow run {run.run_id}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from vaelab import data
 from vaelab.config import Params
+from projects import free_port, http_service
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(REPO / "pipeline" / "train.py"), "data", "models", "reports/history.csv"]
@@ -232,3 +233,128 @@ def test_a_dropout_too_high_to_train_is_named_as_the_cause(tmp_path, small_data)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "dropout 0.99999 keeps 0.001% of the units" in result.stderr and "use a dropout below 0.95" in result.stderr
     assert not (root / "models" / "vae.pt").exists()
+
+
+def _mlflow_server(store: Path, port: int):
+    """A real `mlflow server` on a SQLite store, as a team runs one; stopped when the block ends."""
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination",
+               str(store / "artifacts"), "--workers", "1"]
+    store.mkdir(exist_ok=True)
+    return http_service(command, f"http://127.0.0.1:{port}", store, _env(), store / "server.log")
+
+
+def _wait_for(condition, what: str, process: subprocess.Popen | None = None, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert process is None or process.poll() is None, f"training ended before {what}"
+        time.sleep(0.2)
+
+
+def _epochs_logged(client: MlflowClient, run_id: str) -> dict[str, list[int]]:
+    """Each metric's logged steps, in the order the store returns them."""
+    keys = client.get_run(run_id).data.metrics
+    return {key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
+def _server_runs(client: MlflowClient) -> list:
+    experiment = client.get_experiment_by_name("vaelab")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def _assert_delivered_once(client: MlflowClient, run_id: str, epochs: int) -> None:
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    logged = _epochs_logged(client, run_id)
+    assert {"train_neg_elbo", "val_neg_elbo", "lr"} <= set(logged)
+    assert all(steps == list(range(1, epochs + 1)) for steps in logged.values()), logged  # each epoch once
+    models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
+    assert [str(model.status) for model in models] == ["READY"]  # the model, logged once
+
+
+def test_a_tracking_server_restarted_mid_training_stops_nothing_and_gets_every_epoch_once(tmp_path, small_data):
+    """The server goes down while training runs and comes back: training goes on, says that the server is
+    away, and the server ends with every epoch's metrics exactly once, the model, and a FINISHED run."""
+    root, store, port, epochs = _project(tmp_path / "project", small_data, epochs=40), tmp_path / "server", free_port(), 40
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "train.log"
+    with _mlflow_server(store, port):
+        client = MlflowClient(url)
+        with open(log, "w") as output:
+            process = subprocess.Popen(TRAIN, cwd=root, env=_env(MLFLOW_TRACKING_URI=url), stdout=output, stderr=output)
+        _wait_for(lambda: (runs := _server_runs(client)) and _epochs_logged(client, runs[0].info.run_id),
+                  "the first metrics", process)
+    _wait_for(lambda: "does not answer" in log.read_text(), "the notice that the server is away", process)
+    with _mlflow_server(store, port):
+        assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+        [run] = _server_runs(client)
+        _assert_delivered_once(client, run.info.run_id, epochs)
+    assert "answers again" in log.read_text()
+    assert not list((root / ".vaelab" / "checkpoints").iterdir())
+
+
+def test_a_tracking_server_gone_for_good_fails_in_one_line_and_a_later_run_delivers_without_training(
+    tmp_path, small_data
+):
+    root, store, port, epochs = _project(tmp_path / "project", small_data, epochs=6), tmp_path / "server", free_port(), 6
+    url = f"http://127.0.0.1:{port}"
+    with _mlflow_server(store, port):
+        client = MlflowClient(url)
+        process = subprocess.Popen(TRAIN, cwd=root, env=_env(MLFLOW_TRACKING_URI=url,
+                                                             VAELAB_TRACKING_PATIENCE_SECONDS="8"),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda: _server_runs(client), "the run", process)
+        [run] = _server_runs(client)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 2 and "Traceback" not in err, err[-3000:]
+    [error] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert f"the MLflow tracking server {url} did not answer for 8 s (connection refused)" in error
+    assert "epochs of metrics, the model, the run's end (FINISHED)" in error and run.info.run_id in error
+    assert "dvc repro" in error and "skip the training" in error
+    assert all((root / path).exists() for path in ("models/vae.pt", "models/run.json", "reports/history.csv"))
+    [state] = (root / ".vaelab").glob("checkpoints/*/state.pt")
+    assert torch.load(state, weights_only=True)["epoch"] == epochs
+    weights = (root / "models" / "vae.pt").read_bytes()
+
+    with _mlflow_server(store, port):
+        result = subprocess.run(TRAIN, cwd=root, env=_env(MLFLOW_TRACKING_URI=url), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"epoch {epochs} (resumed from its checkpoint at epoch {epochs})" in result.stdout
+        _assert_delivered_once(client, run.info.run_id, epochs)
+    assert (root / "models" / "vae.pt").read_bytes() == weights
+    assert not list((root / ".vaelab" / "checkpoints").iterdir())
+
+
+LOCKS_THE_STORE = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_sqlite_store_locked_past_the_bound_fails_in_one_line_and_loses_nothing(tmp_path, small_data):
+    """A person's sqlite3 shell holds the store in a write transaction while training ends."""
+    root, epochs = _project(tmp_path / "project", small_data, epochs=6), 6
+    process = subprocess.Popen(TRAIN, cwd=root, env=_env(VAELAB_TRACKING_PATIENCE_SECONDS="2"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: list((root / ".vaelab").glob("checkpoints/*/run.json")), "the run", process)
+    client, [run] = _runs(root)
+    locker = subprocess.Popen([sys.executable, "-c", LOCKS_THE_STORE, str(root / "mlflow.db")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline() == "locked\n"
+        out, err = process.communicate(timeout=600)
+    finally:
+        locker.kill()
+    assert process.returncode == 2 and "Traceback" not in err, err[-3000:]
+    [error] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert f"the MLflow store sqlite:///{root / 'mlflow.db'} stayed locked for 2 s" in error and run.info.run_id in error
+    assert list((root / ".vaelab").glob("checkpoints/*/state.pt"))
+
+    result = subprocess.run(TRAIN, cwd=root, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from its checkpoint at epoch {epochs}" in result.stdout
+    _assert_delivered_once(client, run.info.run_id, epochs)

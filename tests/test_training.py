@@ -126,9 +126,12 @@ def test_a_run_resumed_from_its_checkpoint_ends_bit_for_bit_as_an_uninterrupted_
     checkpointing = Checkpointing(tmp_path / "state.pt", every_seconds=0)
     with pytest.raises(Interrupted):
         train(params, images[:800], images[800:], images[:300], on_epoch=stop_at_epoch_3, checkpointing=checkpointing)
-    resumed = train(params, images[:800], images[800:], images[:300], checkpointing=checkpointing)
+    rows = []
+    resumed = train(params, images[:800], images[800:], images[:300], on_epoch=rows.append,
+                    checkpointing=checkpointing)
 
     assert resumed.history == whole.history
+    assert resumed.resumed_at == 2 and rows == whole.history  # the restored rows too, for the tracker
     assert resumed.snapshots.epochs == whole.snapshots.epochs == [1, 2, 3, 4]
     for a, b in zip(resumed.model.state_dict().values(), whole.model.state_dict().values()):
         assert torch.equal(a, b)
@@ -166,9 +169,10 @@ def test_checkpoints_are_written_every_so_many_seconds_and_at_the_last_epoch(mni
     the last, not on every epoch once the first interval has passed."""
     ticks = iter(range(1, 1000))
     monkeypatch.setattr("vaelab.training.time", SimpleNamespace(monotonic=lambda: next(ticks)))
-    epochs, saved = [], []
-    checkpointing = Checkpointing(tmp_path / "state.pt", every_seconds=3, before_save=lambda: saved.append(epochs[-1]))
+    saved = []
+    monkeypatch.setattr("vaelab.training._save", lambda path, epoch, *state: saved.append(epoch))
+    checkpointing = Checkpointing(tmp_path / "state.pt", every_seconds=3)
     images = data.to_float(mnist["train"].images[:300])
     train(Params(epochs=8, batch_size=100, device="cpu"), images[:200], images[200:], images[:10],
-          on_epoch=lambda row: epochs.append(row["epoch"]), checkpointing=checkpointing)
+          checkpointing=checkpointing)
     assert saved == [3, 6, 8]

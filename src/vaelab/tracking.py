@@ -10,11 +10,13 @@ import json
 import os
 import socket
 import subprocess
+import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -33,6 +35,7 @@ from vaelab.data import md5
 from vaelab.model import load_vae
 from vaelab.stages import StageError, project_root
 
+T = TypeVar("T")
 EXPERIMENT_NAME = "vaelab"
 STORE_FILE = "mlflow.db"  # MLflow's own default name for a SQLite store
 ARTIFACT_DIR = "mlartifacts"  # beside the SQLite store, as `mlflow server` names it
@@ -40,7 +43,12 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # what kind of experiment this is
 PARAMS_TAG, HOST_TAG, PID_TAG = "vaelab.params_digest", "vaelab.host", "vaelab.pid"
 THREADS_TAG = "vaelab.torch_threads"  # CPU threads of the run (OMP_NUM_THREADS): speed and float rounding
 REACHABLE_TIMEOUT_S = 5
-# Fail in seconds, not after minutes of MLflow's default retries, when a tracking server goes away.
+PATIENCE_VARIABLE, DEFAULT_PATIENCE_SECONDS = "VAELAB_TRACKING_PATIENCE_SECONDS", 300.0
+REPORT_AFTER_SECONDS = 3.0  # a wait at the end longer than this is reported
+ABANDON_PATIENCE_SECONDS = 10.0  # after Ctrl-C or an error: the next training closes the run anyway
+TRANSIENT_ERROR_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+# A call to a server that went away fails in seconds, not after minutes of MLflow's default retries;
+# `patiently` and the sender thread do the waiting, with a bound.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
@@ -79,17 +87,98 @@ def store_lock() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def check_reachable() -> None:
-    """Fail within seconds, before any training, when an HTTP tracking server does not answer."""
+def check_reachable(patient: bool = False) -> None:
+    """Fail within seconds, before any work, when an HTTP tracking server does not answer: most likely a
+    wrong address. `patient` stages (those after `train`, whose server answered before) wait for it as
+    `patiently` does, for a server that is restarting."""
+    patience_seconds()  # a bad value is named now, not when a stage ends
     uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
-    try:
+
+    def probe() -> None:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACHABLE_TIMEOUT_S):
             pass
+
+    try:
+        if patient:
+            patiently(probe, "the stage's start", None)
+        else:
+            probe()
     except (OSError, ValueError) as error:
         raise StageError(f"the MLflow tracking server {redacted(uri)} does not answer ({error}); "
                          "start it or point MLFLOW_TRACKING_URI elsewhere") from None
+
+
+class TrackerAway(StageError):
+    """The tracking server or store did not answer within the patience; what waits is kept for a rerun."""
+
+
+def patience_seconds() -> float:
+    """How long a stage waits, at its end, for a tracker that is away: VAELAB_TRACKING_PATIENCE_SECONDS."""
+    value = os.environ.get(PATIENCE_VARIABLE, str(DEFAULT_PATIENCE_SECONDS))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise StageError(f"{PATIENCE_VARIABLE}={value!r} is not allowed; expected a number of seconds, 0 or more")
+    return seconds
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether the tracker may answer a retry: a server down, restarting or overloaded, a store locked."""
+    if isinstance(error, MlflowException):
+        return error.error_code in TRANSIENT_ERROR_CODES
+    return isinstance(error, OSError)  # requests' and urllib3's connection errors are OSErrors
+
+
+def _reason(error: BaseException | None) -> str:
+    if error is None:
+        return "no answer yet"
+    text = str(error)
+    for known in ("Connection refused", "database is locked", "timed out", "Name or service not known",
+                  "Connection reset", "Connection aborted"):
+        if known.lower() in text.lower():
+            return known.lower()
+    return text.splitlines()[0][:160] if text else "no answer"
+
+
+def _not_answering(error: BaseException | None) -> str:
+    return f"MLflow: {redacted(tracking_uri())} does not answer ({_reason(error)})"
+
+
+def _away_message(error: BaseException | None, waiting: str, patience: float, run_id: str | None) -> str:
+    uri = redacted(tracking_uri())
+    away = (f"the MLflow store {uri} stayed locked for {patience:.0f} s (another process holds it: a sqlite3 shell, "
+            "a backup?)" if _sqlite_path(uri) else
+            f"the MLflow tracking server {uri} did not answer for {patience:.0f} s ({_reason(error)})")
+    if run_id is None:
+        return f"{away}; nothing was done ({waiting} needs it); run the stage again once it answers"
+    return (f"{away}; waiting to be sent: {waiting}; the stage's outputs are written: once the tracker answers, run "
+            f"the stage again (dvc repro) to send them into run {run_id} ({PATIENCE_VARIABLE} sets the wait)")
+
+
+def patiently(attempt: Callable[[], T], waiting: str, run_id: str | None, patience: float | None = None,
+              since: float | None = None) -> T:
+    """`attempt()`, tried again with growing pauses while the tracker is away, until `patience` seconds
+    (`patience_seconds()` by default) after `since` (a `time.monotonic()`, now by default); then a one-line
+    TrackerAway that names the tracker, what waits (`waiting`) and how to send it into the run `run_id`."""
+    patience = patience_seconds() if patience is None else patience
+    deadline, delay = (time.monotonic() if since is None else since) + patience, 1.0
+    while True:
+        try:
+            return attempt()
+        except Exception as error:  # noqa: BLE001  (anything not transient is raised as it is)
+            if not _transient(error):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise TrackerAway(_away_message(error, waiting, patience, run_id)) from None
+            if delay == 1.0:
+                print(f"{_not_answering(error)}; trying again for up to {deadline - time.monotonic():.0f} s",
+                      file=sys.stderr)
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
 
 
 def _client() -> MlflowClient:
@@ -158,6 +247,12 @@ def run_tags(params: Params) -> dict[str, str]:
     return tags
 
 
+def _last_step(client: MlflowClient, run_id: str) -> int:
+    """The last epoch whose metrics the store has (0 for none)."""
+    keys = client.get_run(run_id).data.metrics
+    return max((metric.step for key in keys for metric in client.get_metric_history(run_id, key)), default=0)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -182,34 +277,53 @@ def _close_orphans(client: MlflowClient, experiment_id: str, keep: str | None) -
 
 
 class TrainingRun:
-    """The MLflow run of one training; per-epoch metrics are sent in batches, not one round trip each.
+    """The MLflow run of one training. Its per-epoch metrics go out in batches from a background thread, so
+    training never waits for the tracker: while a server is down or a SQLite store is locked they wait in
+    memory (the checkpoint holds them too, in the training history) and go out in order, each epoch once,
+    when the tracker answers again.
 
-    `resume_id` continues a run that an interrupted training of the same parameters left behind."""
+    Each batch holds whole epochs and the store writes a batch at once, so the last epoch the store has
+    tells what was delivered; it is asked again after every failure and when `resume_id` continues the run
+    that an interrupted training of the same parameters left behind."""
 
     FLUSH_SECONDS = 10.0
+    MAX_RETRY_SECONDS = 60.0
 
     def __init__(self, params: Params, resume_id: str | None = None):
         self.client = _client()
+        self.run_id = patiently(lambda: self._open(params, resume_id), "the run's start", None)
+        self._rows: list[tuple[int, list[Metric]]] = []  # (epoch, its metrics), oldest first
+        self._sent_through = 0  # the last epoch the store has, when `_synced`
+        self._synced = resume_id != self.run_id  # a new run has nothing yet
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._away: Exception | None = None  # the tracker's last error, while it does not answer
+        self._failure: Exception | None = None  # an error that retrying would not mend
+        self._told_away = False
+        self._sender = threading.Thread(target=self._send_until_closed, name="mlflow-sender", daemon=True)
+        self._sender.start()
+
+    def _open(self, params: Params, resume_id: str | None) -> str:
         tags = run_tags(params)
         with store_lock():
             experiment_id = _experiment_id(self.client, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME))
-            self.run_id = resume_id if resume_id and self._exists(resume_id) else None
-            _close_orphans(self.client, experiment_id, keep=self.run_id)
-            if self.run_id:
-                self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-                self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            run_id = resume_id if resume_id and self._exists(resume_id) else None
+            _close_orphans(self.client, experiment_id, keep=run_id)
+            if run_id:
+                self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+                self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             else:
-                run = self.client.create_run(experiment_id, tags=tags, run_name=tags.get("mlflow.runName"))
-                self.run_id = run.info.run_id
+                run_id = self.client.create_run(experiment_id, tags=tags, run_name=tags.get("mlflow.runName")).info.run_id
                 params_logged = [Param(k, str(v)) for k, v in params.training_dict().items()]
-                self.client.log_batch(self.run_id, params=params_logged)
-        self._pending: list[Metric] = []
-        self._last_flush = time.monotonic()
+                self.client.log_batch(run_id, params=params_logged)
+        return run_id
 
     def _exists(self, run_id: str) -> bool:
         try:
             self.client.get_run(run_id)
-        except MlflowException:
+        except MlflowException as error:
+            if _transient(error):
+                raise
             return False
         return True
 
@@ -223,42 +337,132 @@ class TrainingRun:
             source = get_dataset_source_from_json(json.dumps({"uri": path.as_posix()}), source_type="local")
             dataset = MetaDataset(source, name=f"mnist-{split}", digest=md5(path))._to_mlflow_entity()
             inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
-        with store_lock():
-            self.client.log_inputs(self.run_id, datasets=inputs)
+
+        def log_inputs():
+            with store_lock():
+                self.client.log_inputs(self.run_id, datasets=inputs)
+
+        patiently(log_inputs, "the run's data sets", self.run_id)
 
     def log_epoch(self, row: dict[str, float]) -> None:
+        """Queue an epoch's metrics; the sender thread delivers them."""
         now = int(time.time() * 1000)
         step = int(row["epoch"])
-        self._pending += [Metric(k, float(v), now, step) for k, v in row.items() if k != "epoch"]
-        if time.monotonic() - self._last_flush > self.FLUSH_SECONDS:
-            self.flush()
+        with self._lock:
+            self._rows.append((step, [Metric(k, float(v), now, step) for k, v in row.items() if k != "epoch"]))
 
-    def flush(self) -> None:
-        with store_lock():
-            for start in range(0, len(self._pending), 1000):  # MLflow's limit per batch
-                self.client.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
-        self._pending = []
-        self._last_flush = time.monotonic()
+    @property
+    def away(self) -> bool:
+        """Whether the tracker failed to answer the last try."""
+        return self._away is not None
 
-    def end(self, status: str) -> None:
-        self.flush()
-        with store_lock():
-            self.client.set_terminated(self.run_id, status)
+    @property
+    def ended(self) -> bool:
+        return self._closing.is_set()
+
+    @property
+    def backlog(self) -> int:
+        """How many epochs wait to be sent."""
+        with self._lock:
+            return sum(epoch > self._sent_through for epoch, _ in self._rows)
+
+    def news(self) -> str | None:
+        """One line when the tracker stops or starts answering, for the progress display; else None."""
+        if self._away is not None and not self._told_away:
+            self._told_away = True
+            return f"{_not_answering(self._away)}; training goes on and its metrics wait to be sent"
+        if self._away is None and self._told_away:
+            self._told_away = False
+            return f"MLflow: {redacted(tracking_uri())} answers again; the waiting metrics are sent"
+        return None
+
+    def _send_until_closed(self) -> None:
+        client = MlflowClient(tracking_uri())
+        delay = 0.0
+        while not self._closing.wait(timeout=delay or self.FLUSH_SECONDS):
+            delay = self._try_send(client, delay)
+        while self._failure is None and (not self._synced or self.backlog):  # closing: send what is left
+            time.sleep(delay)
+            delay = self._try_send(client, delay)
+
+    def _try_send(self, client: MlflowClient, delay: float) -> float:
+        """Send what waits; returns how long to wait before the next try (0 after a success)."""
+        try:
+            self._send(client)
+        except Exception as error:  # noqa: BLE001  (kept for the main thread, which reports it)
+            if not _transient(error):
+                self._failure = error
+                return 0.0
+            self._away, self._synced = error, False
+            return min(max(2 * delay, 1.0), self.MAX_RETRY_SECONDS)
+        self._away = None
+        return 0.0
+
+    def _send(self, client: MlflowClient) -> None:
+        if not self._synced:
+            self._sent_through = _last_step(client, self.run_id)
+            self._synced = True
+        with self._lock:
+            rows = [row for row in self._rows if row[0] > self._sent_through]
+        batch: list[Metric] = []
+        for i, (epoch, metrics) in enumerate(rows):
+            batch += metrics
+            following = len(rows[i + 1][1]) if i + 1 < len(rows) else None
+            if following is None or len(batch) + following > 1000:  # MLflow's limit per batch
+                with store_lock():
+                    client.log_batch(self.run_id, metrics=batch)
+                self._sent_through, batch = epoch, []
+        with self._lock:
+            self._rows = [row for row in self._rows if row[0] > self._sent_through]
+
+    def end(self, status: str, model: tuple[Path, int] | None = None, patience: float | None = None) -> None:
+        """Deliver the waiting metrics and `model` (the weights file and its latent size), then mark the run
+        `status`. A tracker that stays away longer than `patience` seconds (VAELAB_TRACKING_PATIENCE_SECONDS,
+        5 minutes by default) ends this with a one-line TrackerAway, and the run stays as it is."""
+        patience = patience_seconds() if patience is None else patience
+        started = time.monotonic()
+        self._closing.set()
+        self._sender.join(timeout=min(patience, REPORT_AFTER_SECONDS))
+        if self._sender.is_alive() and self._away is not None:
+            print(f"{_not_answering(self._away)}; {self.backlog} epochs of metrics wait; trying again for up to "
+                  f"{started + patience - time.monotonic():.0f} s", file=sys.stderr)
+        self._sender.join(timeout=max(0.0, started + patience - time.monotonic()))
+        if self._failure is not None:
+            raise self._failure
+        if self._sender.is_alive():
+            waiting = [f"{'' if self._synced else 'up to '}{self.backlog} epochs of metrics"]
+            waiting += ["the model"] * (model is not None) + [f"the run's end ({status})"]
+            raise TrackerAway(_away_message(self._away, ", ".join(waiting), patience, self.run_id))
+        if model is not None:
+            patiently(lambda: _log_model_once(self.client, self.run_id, *model), f"the model, the run's end ({status})",
+                      self.run_id, patience, started)
+
+        def terminate():
+            with store_lock():
+                self.client.set_terminated(self.run_id, status)
+
+        patiently(terminate, f"the run's end ({status})", self.run_id, patience, started)
 
 
 @contextmanager
 def training_run(params: Params, resume_id: str | None = None) -> Iterator[TrainingRun]:
-    """A run that ends FINISHED, or KILLED on Ctrl-C or SIGTERM, or FAILED on any other error."""
+    """A run that ends FINISHED (unless the body ended it), KILLED on Ctrl-C or SIGTERM, or FAILED on any
+    other error. After an interruption or an error the tracker gets a short wait only, and a tracker that
+    is away leaves the run to the next training on this host, which closes it."""
     run = TrainingRun(params, resume_id)
     try:
         yield run
-    except KeyboardInterrupt:
-        run.end(RunStatus.to_string(RunStatus.KILLED))
+    except TrackerAway:
         raise
-    except BaseException:
-        run.end(RunStatus.to_string(RunStatus.FAILED))
+    except BaseException as error:
+        status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
+        try:
+            run.end(RunStatus.to_string(status), patience=ABANDON_PATIENCE_SECONDS)
+        except TrackerAway as away:
+            print(f"warning: {away}", file=sys.stderr)
         raise
-    run.end(RunStatus.to_string(RunStatus.FINISHED))
+    if not run.ended:
+        run.end(RunStatus.to_string(RunStatus.FINISHED))
 
 
 def write_run_id(path: Path, run_id: str) -> None:
@@ -272,32 +476,31 @@ def read_run_id(path: Path) -> str | None:
         return None
 
 
-@contextmanager
-def resumed_run(run_id_file: Path) -> Iterator[str]:
-    """Reopen the training run recorded by `train`, for the later stages to log into."""
+def add_to_run(run_id_file: Path, waiting: str, metrics: dict[str, float] | None = None,
+               artifacts: dict[Path, str | None] | None = None) -> None:
+    """Log a later stage's metrics (at step 0) and files or folders (to their artifact paths) into the run
+    recorded by `train`, waiting for a tracker that is away as `TrainingRun.end` does. A retry resends the
+    same metrics, with the same timestamps, which the store keeps once."""
     run_id = read_run_id(run_id_file)
     client = _client()
-    try:
-        client.get_run(run_id or "")
-    except MlflowException:
-        raise StageError(
-            f"MLflow run {run_id} (from {run_id_file}) is not in the store {redacted(tracking_uri())}; "
-            "re-train to create it there: dvc repro --force train"
-        ) from None
-    with store_lock(), mlflow.start_run(run_id=run_id):
-        yield run_id
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
 
+    def log() -> None:
+        try:
+            client.get_run(run_id or "")
+        except MlflowException as error:
+            if _transient(error):
+                raise
+            raise StageError(f"MLflow run {run_id} (from {run_id_file}) is not in the store "
+                             f"{redacted(tracking_uri())}; re-train to create it there: dvc repro --force train") from None
+        with store_lock():
+            if batch:
+                client.log_batch(run_id, metrics=batch)
+            for path, artifact_path in (artifacts or {}).items():
+                (client.log_artifacts if path.is_dir() else client.log_artifact)(run_id, str(path), artifact_path)
 
-def log_metrics(metrics: dict[str, float]) -> None:
-    mlflow.log_metrics(metrics)
-
-
-def log_artifact(path: Path) -> None:
-    mlflow.log_artifact(str(path))
-
-
-def log_artifacts(folder: Path, artifact_path: str) -> None:
-    mlflow.log_artifacts(str(folder), artifact_path)
+    patiently(log, waiting, run_id)
 
 
 class DecoderModel(mlflow.pyfunc.PythonModel):
@@ -311,8 +514,9 @@ class DecoderModel(mlflow.pyfunc.PythonModel):
         return self.vae.decode(z).numpy()
 
 
-def log_model(run_id: str, weights: Path, latent_dim: int) -> None:
-    """Log the trained decoder as an MLflow pyfunc model that loads the weights-only checkpoint."""
+def _log_model_once(client: MlflowClient, run_id: str, weights: Path, latent_dim: int) -> None:
+    """Log the trained decoder as an MLflow pyfunc model that loads the weights-only checkpoint, unless an
+    earlier try (one that lost its answer, or a stage run again) already did."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -320,6 +524,10 @@ def log_model(run_id: str, weights: Path, latent_dim: int) -> None:
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
     )
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'")
+    if any(model.status == LoggedModelStatus.READY for model in logged):
+        return
     with store_lock(), mlflow.start_run(run_id=run_id):
         mlflow.pyfunc.log_model(
             name="model",

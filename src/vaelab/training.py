@@ -205,6 +205,7 @@ class TrainResult:
     model: VAE
     history: list[dict[str, float]]
     snapshots: Snapshots
+    resumed_at: int = 0  # the epoch of the checkpoint it continued from, 0 for a fresh start
 
 
 class TrainingDiverged(RuntimeError):
@@ -230,11 +231,10 @@ def _divergence_causes(params: Params, first_step: bool) -> str:
 @dataclass
 class Checkpointing:
     """Where and how often `train` saves everything needed to resume bit for bit: weights, optimizer state,
-    random number generators, history and snapshots. `before_save` runs first (to flush logged metrics)."""
+    random number generators, history and snapshots."""
 
     path: Path
     every_seconds: float = 60.0
-    before_save: Callable[[], None] | None = None
 
 
 def train(
@@ -251,8 +251,9 @@ def train(
     Each history row holds the epoch, its learning rate `lr` and `kl_weight`, and for `train_` and `val_`:
     the seed's scaled `loss` and the negative ELBO, reconstruction and KL terms in nats per image (the true
     ELBO whatever the KL weight), and `train_objective`, what the epoch minimised (reconstruction +
-    kl_weight * KL). With `checkpointing`, a run whose checkpoint exists continues from it, with the same
-    result as if it had never stopped. `step_mode` is the TrainingStep's: by default `graphs` on a GPU and
+    kl_weight * KL). `on_epoch` gets each row as its epoch ends. With `checkpointing`, a run whose checkpoint
+    exists continues from it, with the same result as if it had never stopped, and `on_epoch` first gets
+    the restored rows again (for a tracker that may not have them all). `step_mode` is the TrainingStep's: by default `graphs` on a GPU and
     `eager` on the CPU; the benchmark times the others.
     """
     device = resolve_device(params.device)
@@ -268,6 +269,8 @@ def train(
     done = 0
     if checkpointing is not None and checkpointing.path.exists():
         done = _restore(checkpointing.path, model, optimizer, shuffle, history, snapshots)
+        for row in history if on_epoch is not None else ():
+            on_epoch(row)
     step = TrainingStep(model, optimizer, train_images, params.binarize, step_mode)
     last_save = time.monotonic()
 
@@ -304,12 +307,10 @@ def train(
             on_epoch(row)
         due = time.monotonic() - last_save >= checkpointing.every_seconds if checkpointing else False
         if checkpointing is not None and (due or epoch == params.epochs):
-            if checkpointing.before_save is not None:
-                checkpointing.before_save()
             _save(checkpointing.path, epoch, model, optimizer, shuffle, history, snapshots)
             last_save = time.monotonic()
     model.eval()
-    return TrainResult(model.cpu(), history, snapshots)
+    return TrainResult(model.cpu(), history, snapshots, resumed_at=done)
 
 
 def _save(path: Path, epoch, model, optimizer, shuffle, history, snapshots: Snapshots) -> None:
