@@ -14,7 +14,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from vaelab import data
+from vaelab import data, tracking
 from vaelab.config import Params
 from projects import free_port, http_service
 
@@ -358,3 +358,19 @@ def test_a_sqlite_store_locked_past_the_bound_fails_in_one_line_and_loses_nothin
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from its checkpoint at epoch {epochs}" in result.stdout
     _assert_delivered_once(client, run.info.run_id, epochs)
+
+
+def test_evaluate_and_render_wait_for_a_server_away_and_then_name_what_waits(tmp_path, monkeypatch):
+    """The later stages log through the same bounded wait: here the server never comes back within it."""
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("VAELAB_TRACKING_PATIENCE_SECONDS", "2")
+    tracking.write_run_id(tmp_path / "run.json", "0123abcd")
+    (tmp_path / "evaluation.md").write_text("# evaluation\n")
+    with pytest.raises(tracking.TrackerAway) as away:
+        tracking.add_to_run(tmp_path / "run.json", "the test metrics and evaluation.md", metrics={"test_neg_elbo": 1.0},
+                            artifacts={tmp_path / "evaluation.md": None})
+    message = str(away.value)
+    assert "\n" not in message and message.startswith(f"the MLflow tracking server {url} did not answer for 2 s")
+    assert "waiting to be sent: the test metrics and evaluation.md" in message and "run 0123abcd" in message
+    assert "dvc repro" in message
