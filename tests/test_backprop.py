@@ -8,6 +8,9 @@ from vaelab.backprop import FastStep
 from vaelab.model import VAE, ModelConfig, negative_elbo, SEED_LOSS_SCALE, training_objective
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+ONEDNN = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+KERNELS = [("cpu", "mm"), ("cpu", pytest.param("onednn", marks=ONEDNN)),
+           pytest.param("cuda", "mm", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
 
 
 def _autograd_step(model: VAE, x: torch.Tensor, masks: list[torch.Tensor], kl_weight: float) -> torch.Tensor:
@@ -25,15 +28,16 @@ def _autograd_step(model: VAE, x: torch.Tensor, masks: list[torch.Tensor], kl_we
     return torch.stack([t.sum() for t in terms]).detach()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device, kernel", KERNELS)
 @pytest.mark.parametrize("dropout, latent_dim, kl_weight",
                          [(0.3, 2, 1.0), (0.0, 5, 1.0), (0.3, 4, 0.25), (0.0, 3, 4.0)])
-def test_gradients_statistics_and_batchnorm_state_match_autograd(mnist, dropout, latent_dim, kl_weight, device):
+def test_gradients_statistics_and_batchnorm_state_match_autograd(mnist, dropout, latent_dim, kl_weight, device,
+                                                                 kernel):
     torch.manual_seed(0)
     model = VAE(ModelConfig(latent_dim, dropout)).to(device).train()
     reference = copy.deepcopy(model)
     x = (mnist["train"].images[:300].reshape(300, -1).float() / 255).to(device)
-    step = FastStep(model, kl_weight)
+    step = FastStep(model, kl_weight, kernel)
     masks = step._masks(len(x))
     step._masks = lambda batch: masks
 
@@ -58,3 +62,20 @@ def test_dropout_masks_keep_the_expected_fraction(device):
     assert values.unique().tolist() == [0.0, pytest.approx(1 / 0.7, rel=1e-4)]
     assert (values == 0).float().mean().item() == pytest.approx(0.3, abs=0.003)
     assert values.mean().item() == pytest.approx(1.0, abs=0.005)
+
+
+@pytest.mark.parametrize("kernel", ["mm", pytest.param("onednn", marks=ONEDNN)])
+def test_a_seed_gives_the_same_steps_twice(mnist, kernel):
+    x = mnist["train"].images[:500].reshape(500, -1).float() / 255
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = VAE(ModelConfig(2, 0.3)).train()
+        optimizer = torch.optim.Adam(model.parameters(), fused=True)
+        step, totals = FastStep(model, kernel=kernel), []
+        for _ in range(3):
+            totals.append(step(x))
+            optimizer.step()
+        runs.append((torch.stack(totals), [p.clone() for p in model.parameters()]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))

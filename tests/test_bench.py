@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vaelab.bench import MATMUL_KERNELS, main, matmul_floor_seconds, step_products, training_gflop_per_epoch
+from vaelab.bench import (MATMUL_KERNELS, decoder_products, evaluation_floor_seconds, main, matmul_floor_seconds,
+                          step_products, training_gflop_per_epoch)
 from vaelab.model import VAE, ModelConfig, negative_elbo
 
 
@@ -38,3 +39,12 @@ def test_the_steps_products_are_the_counted_flops_and_each_kernel_computes_the_s
     floor = matmul_floor_seconds(latent_dim=2, batch=500, images=1000, repeats=2)
     assert set(floor) == {*MATMUL_KERNELS, "fastest per product"}
     assert 0 < floor["fastest per product"] <= min(floor[name] for name in MATMUL_KERNELS)
+
+
+def test_the_bounds_floor_counts_the_decoders_products():
+    model = VAE(ModelConfig(latent_dim=3)).eval()
+    with FlopCounterMode(display=False) as counter:
+        model.decoder(torch.randn(50, 3))
+    assert counter.get_total_flops() == 2 * sum(m * k * n for m, k, n in decoder_products(3, 50))
+    one, two = (evaluation_floor_seconds(latent_dim=2, images=images, samples=1, repeats=1) for images in (4096, 8192))
+    assert set(one) == set(two) == {*MATMUL_KERNELS, "fastest per product"} and all(v > 0 for v in one.values())

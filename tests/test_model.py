@@ -6,9 +6,12 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from vaelab.model import (
-    SEED_LOSS_SCALE, VAE, ModelConfig, kl_to_standard_normal, load_vae, manifold_grid, manifold_latents,
-    negative_elbo, save_vae,
+    KERAS_LEAKY_SLOPE, MATMUL_KERNELS, SEED_LOSS_SCALE, VAE, FoldedDecoder, ModelConfig, kl_to_standard_normal,
+    linear, load_vae, manifold_grid, manifold_latents, matmul_kernel, negative_elbo, save_vae,
 )
+
+ONEDNN = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+KERNELS = ["mm", pytest.param("onednn", marks=ONEDNN)]
 
 
 def _random_terms(n=64, latent_dim=5):
@@ -77,3 +80,38 @@ def test_saved_model_loads_weights_only(tmp_path):
     z = torch.randn(3, 4)
     torch.testing.assert_close(loaded.decode(z), model.decode(z))
     assert set(torch.load(tmp_path / "vae.pt", weights_only=True)) == {"config", "state_dict"}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("activation, reference", [
+    ("none", lambda h: h), ("relu", F.relu), ("leaky_relu", lambda h: F.leaky_relu(h, KERAS_LEAKY_SLOPE)),
+])
+def test_each_kernel_computes_the_linear_layer(kernel, activation, reference):
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((500, 256), (128, 256), (128,)))
+    expected = reference(x.double() @ weight.double().t() + bias.double()).float()
+    torch.testing.assert_close(linear(x, weight, bias, activation, kernel), expected, rtol=1e-4, atol=1e-4)
+    # the input gradient's product: a transposed weight, no bias
+    grad = x[:, :128]
+    torch.testing.assert_close(linear(grad, weight.t(), kernel=kernel), grad @ weight, rtol=1e-4, atol=1e-4)
+
+
+def test_the_kernel_is_onednn_exactly_where_pytorch_runs_avx512_code():
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512" and torch.backends.mkldnn.is_available()
+    assert matmul_kernel(torch.device("cpu")) == ("onednn" if avx512 else "mm")
+    assert matmul_kernel(torch.device("cuda")) == "mm" and set(MATMUL_KERNELS) == {"mm", "onednn"}
+
+
+@pytest.mark.parametrize("latent_dim", [1, 2, 8])
+def test_the_folded_decoder_is_the_eval_decoder(latent_dim):
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(latent_dim))
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):  # a trained model's statistics
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.2, 3)
+        nn.init.uniform_(norm.weight, 0.5, 2)
+        nn.init.normal_(norm.bias)
+    model.eval()
+    z = torch.randn(300, latent_dim) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(FoldedDecoder(model.decoder)(z), model.decoder(z), rtol=1e-5, atol=1e-4)

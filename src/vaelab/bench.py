@@ -1,12 +1,15 @@
 """Benchmark: the project's training epoch against a straightforward PyTorch loop, in one run.
 
-    python -m vaelab.bench [--device auto] [--rounds 3] [--epochs 3] [--baseline-epochs N] [--out reports/bench.json]
+    python -m vaelab.bench [--device auto] [--rounds 3] [--epochs 3] [--baseline-epochs N] [--iwae-samples K]
+                           [--out reports/bench.json]
 
 The baseline is what a user would write: the same model, in-memory tensors, nn.Dropout, autograd and the
 default torch.optim.Adam. The project's epoch is timed as the train stage runs it: validation, snapshots
 and MLflow logging (to a throwaway SQLite store) included. Both are timed in alternating rounds and the
 medians reported, since a shared machine's speed drifts. Where MLflow is not installed (a bare GPU box with
-torch alone), the project's epochs are timed without logging and the report says so.
+torch alone), the project's epochs are timed without logging and the report says so. Then the evaluate stage
+(K = --iwae-samples) and the render stage are timed once, and on a CPU the report gives the floor of an epoch
+and of the importance-sampled bound: their matrix products alone, with each fp32 kernel.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch
 
 from vaelab import data, metrics, training
 from vaelab.config import Params
-from vaelab.model import IMAGE_PIXELS, SEED_LOSS_SCALE, VAE, ModelConfig, resolve_device
+from vaelab.model import IMAGE_PIXELS, SEED_LOSS_SCALE, VAE, ModelConfig, linear, matmul_kernel, resolve_device
 
 HIDDEN = (256, 128)  # the seed's layer widths, encoder order; the decoder mirrors them
 
@@ -77,17 +80,35 @@ def training_gflop_per_epoch(latent_dim: int, images: int) -> float:
     return 2 * sum(m * k * n for m, k, n in step_products(latent_dim, 1)) * images / 1e9
 
 
-MATMUL_KERNELS = {  # a (m, k) times b (k, n), as PyTorch offers it on a CPU
-    "torch.mm (MKL)": lambda a, b: torch.mm(a, b),
-    "oneDNN linear": lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], ""),
+def decoder_products(latent_dim: int, rows: int) -> list[tuple[int, int, int]]:
+    """The (m, k, n) of the matrix products that decode `rows` latents in eval mode."""
+    return [(rows, latent_dim, HIDDEN[1]), (rows, HIDDEN[1], HIDDEN[0]), (rows, HIDDEN[0], IMAGE_PIXELS)]
+
+
+MATMUL_KERNELS = {  # a (m, k) times b (k, n) with each fp32 kernel of `vaelab.model.linear` on a CPU
+    "torch.mm (MKL)": lambda a, b: linear(a, b.t(), kernel="mm"),
+    "oneDNN linear": lambda a, b: linear(a, b.t(), kernel="onednn"),
 }
 
 
 def matmul_floor_seconds(latent_dim: int, batch: int, images: int, repeats: int = 20) -> dict[str, float]:
     """Seconds per epoch that the step's matrix products alone take with each fp32 kernel PyTorch offers on
     this CPU, and with the fastest kernel for each product: the epoch's floor at this machine's rates."""
+    return products_seconds(step_products(latent_dim, batch), images / batch, repeats)
+
+
+def evaluation_floor_seconds(latent_dim: int, images: int, samples: int, repeats: int = 5) -> dict[str, float]:
+    """The same floor for the importance-sampled bound with K = `samples` over `images`: its decoder's
+    products, in the blocks of `metrics.DECODE_BLOCK_ROWS` samples that it decodes at a time on a CPU."""
+    block = metrics.DECODE_BLOCK_ROWS
+    return products_seconds(decoder_products(latent_dim, block), images * samples / block, repeats)
+
+
+def products_seconds(products: list[tuple[int, int, int]], rounds: float, repeats: int) -> dict[str, float]:
+    """Seconds that `rounds` rounds of the matrix products `products` take with each kernel, and with the
+    fastest kernel for each product: the median of `repeats` timings of each."""
     floors = {name: 0.0 for name in MATMUL_KERNELS} | {"fastest per product": 0.0}
-    for m, k, n in step_products(latent_dim, batch):
+    for m, k, n in products:
         a, b = torch.randn(m, k), torch.randn(k, n)
         seconds = {}
         for name, product in MATMUL_KERNELS.items():
@@ -101,8 +122,7 @@ def matmul_floor_seconds(latent_dim: int, batch: int, images: int, repeats: int 
         for name, value in seconds.items():
             floors[name] += value
         floors["fastest per product"] += min(seconds.values())
-    steps = images / batch
-    return {name: round(value * steps, 4) for name, value in floors.items()}
+    return {name: round(value * rounds, 4) for name, value in floors.items()}
 
 
 def baseline_epoch_seconds(params: Params, images: torch.Tensor, epochs: int) -> list[float]:
@@ -219,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=_positive, default=3, help="the project's epochs per round")
     parser.add_argument("--baseline-epochs", type=_positive, help="the baseline's epochs per round (default: --epochs)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--iwae-samples", type=_positive, default=Params().iwae_samples,
+                        help="K of the evaluate stage's importance-sampled bound (default: params' %(default)s)")
     parser.add_argument("--data", type=Path, default=Path("data/prepared"))
     parser.add_argument("--out", type=Path, default=Path("reports/bench.json"))
     args = parser.parse_args(argv)
@@ -233,8 +255,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{processor_name(device)}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
     peak = matmul_gflops(device)
     print(f"matrix multiply: {peak:.0f} GFLOP/s")
-    floor = matmul_floor_seconds(params.latent_dim, params.batch_size, len(train_x)) if device.type == "cpu" else None
-    print(f"an epoch's matrix products alone, s: {floor}")
+    on_cpu = device.type == "cpu"
+    floor = matmul_floor_seconds(params.latent_dim, params.batch_size, len(train_x)) if on_cpu else None
+    print(f"an epoch's matrix products alone, s: {floor}; the step multiplies with {matmul_kernel(device)}")
+    evaluate_floor = evaluation_floor_seconds(params.latent_dim, len(test_x), args.iwae_samples) if on_cpu else None
+    print(f"the importance-sampled bound's matrix products alone (K = {args.iwae_samples}), s: {evaluate_floor}")
 
     baseline_x = train_x.to(device)  # the plain loop's data set, on the device once for every round
     baseline, project, logging_share = [], [], []
@@ -247,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
             logging_share.append(share)
             print(f"round {round_ + 1}: baseline {statistics.median(baseline):.3f} s/epoch, "
                   f"project {statistics.median(project):.3f} s/epoch")
-        evaluate, _ = evaluation_seconds(result.model, splits, device, params.iwae_samples)
+        evaluate, _ = evaluation_seconds(result.model, splits, device, args.iwae_samples)
         frames = len(training.snapshot_epochs(Params().epochs))
         try:
             render = render_seconds(result, splits["test"].labels[snapshot], test_x, frames, Path(scratch))
@@ -259,7 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
     base_s, proj_s = statistics.median(baseline), statistics.median(project)
     report = {
         "machine": {"processor": processor_name(device), "device": device.type, "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "matmul_gflops": round(peak, 1)},
+                    "torch": torch.__version__, "matmul_gflops": round(peak, 1),
+                    "matmul_kernel": matmul_kernel(device)},
         "images_per_epoch": len(train_x),
         "project_epochs_per_round": args.epochs,
         "project_train_s": round(train_wall, 2),
@@ -274,7 +300,10 @@ def main(argv: list[str] | None = None) -> dict:
         "matmul_floor_s_per_epoch": floor,
         "project_fraction_of_floor": None if floor is None else round(min(floor.values()) / proj_s, 3),
         "mlflow_logging_share": None if None in logging_share else round(max(logging_share), 4),
+        "evaluate_iwae_samples": args.iwae_samples,
         "evaluate_s": round(evaluate, 3),
+        "evaluate_matmul_floor_s": evaluate_floor,
+        "evaluate_over_floor": None if evaluate_floor is None else round(evaluate / min(evaluate_floor.values()), 2),
         "render_s": None if render is None else round(render, 2),
         "render_frames": frames,
     }

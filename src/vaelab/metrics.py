@@ -6,7 +6,8 @@ from typing import Callable
 
 import torch
 
-from vaelab.model import SEED_LOSS_SCALE, VAE, encode_in_batches, kl_per_dimension, negative_elbo, reconstruction_nll_
+from vaelab.model import (SEED_LOSS_SCALE, VAE, FoldedDecoder, encode_in_batches, kl_per_dimension, negative_elbo,
+                          reconstruction_nll_)
 
 EVAL_BATCH = 1000
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -98,14 +99,16 @@ def importance_log_likelihood(model: VAE, images: torch.Tensor, samples: int, ma
     logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K, z_k ~ q(z|x).
 
     Vectorised over images and samples: the z of up to `max_rows` samples are drawn at once (so the random
-    numbers, and the estimate, do not depend on `block_rows`), then decoded and scored about `block_rows` at a
-    time: by default on a CPU a block small enough that its logits stay in cache between passes, on a GPU the
-    whole chunk, since there a block's cost is its kernel launches. With K = 1 this is the ELBO; it grows
-    towards log p(x) as K grows. `model` must be in eval mode. `on_progress` is called with the number of
-    images done after each chunk (K = 5000 takes minutes on a CPU)."""
+    numbers, and the estimate, do not depend on `block_rows`), then decoded (the decoder's BatchNorms folded into
+    its layers, `FoldedDecoder`) and scored about `block_rows` at a time: by default on a CPU a block small
+    enough that its logits stay in cache between passes, on a GPU the whole chunk, since there a block's cost
+    is its kernel launches. With K = 1 this is the ELBO; it grows towards log p(x) as K grows. `model` must be
+    in eval mode. `on_progress` is called with the number of images done after each chunk (K = 5000 takes
+    minutes on a CPU)."""
     images_per_chunk = max(1, max_rows // samples)
     sample_chunk = min(samples, max_rows)
     block_rows = block_rows or (DECODE_BLOCK_ROWS if images.device.type == "cpu" else max_rows)
+    decoder = FoldedDecoder(model.decoder)
     estimates = []
     for start in range(0, len(images), images_per_chunk):
         x = images[start : start + images_per_chunk]
@@ -117,22 +120,22 @@ def importance_log_likelihood(model: VAE, images: torch.Tensor, samples: int, ma
                 len(x), k, mean.shape[1], device=x.device)
             zeros = torch.zeros_like(mean).unsqueeze(1)
             log_pz_over_q = _log_normal(z, zeros, zeros) - _log_normal(z, mean.unsqueeze(1), log_var.unsqueeze(1))
-            log_weights.append(_log_likelihood_given(model, z, x, block_rows) + log_pz_over_q)
+            log_weights.append(_log_likelihood_given(decoder, z, x, block_rows) + log_pz_over_q)
         estimates.append(torch.logsumexp(torch.cat(log_weights, dim=1), dim=1) - math.log(samples))
         if on_progress is not None:
             on_progress(len(x))
     return torch.cat(estimates)
 
 
-def _log_likelihood_given(model: VAE, z: torch.Tensor, x: torch.Tensor, block_rows: int) -> torch.Tensor:
+def _log_likelihood_given(decoder: FoldedDecoder, z: torch.Tensor, x: torch.Tensor, block_rows: int) -> torch.Tensor:
     """log p(x|z) for z (n, k, latent) of the images x (n, 784): (n, k), decoded in blocks of samples."""
     n, k, latent = z.shape
     per_block = max(1, block_rows // n)
     parts = []
     for done in range(0, k, per_block):
         block = z[:, done : done + per_block]
-        logits = model.decoder(block.reshape(-1, latent)).view(n, block.shape[1], -1)
-        parts.append(-reconstruction_nll_(logits, x))
+        logits = decoder(block.reshape(-1, latent)).view(n, block.shape[1], -1)
+        parts.append(-reconstruction_nll_(logits, x.unsqueeze(1)))
     return torch.cat(parts, dim=1)
 
 
