@@ -247,10 +247,10 @@ def run_tags(params: Params) -> dict[str, str]:
     return tags
 
 
-def _last_step(client: MlflowClient, run_id: str) -> int:
-    """The last epoch whose metrics the store has (0 for none)."""
-    keys = client.get_run(run_id).data.metrics
-    return max((metric.step for key in keys for metric in client.get_metric_history(run_id, key)), default=0)
+def _last_step(client: MlflowClient, run_id: str, key: str) -> int:
+    """The last epoch whose metric `key` the store has (0 for none): one key tells, since every epoch's
+    metrics go into the store together."""
+    return max((metric.step for metric in client.get_metric_history(run_id, key)), default=0)
 
 
 def _alive(pid: int) -> bool:
@@ -348,8 +348,9 @@ class TrainingRun:
         """Queue an epoch's metrics; the sender thread delivers them."""
         now = int(time.time() * 1000)
         step = int(row["epoch"])
+        metrics = [Metric(k, float(v), now, step) for k, v in row.items() if k != "epoch"]
         with self._lock:
-            self._rows.append((step, [Metric(k, float(v), now, step) for k, v in row.items() if k != "epoch"]))
+            self._rows += [(step, metrics)] if metrics else []
 
     @property
     def away(self) -> bool:
@@ -381,7 +382,7 @@ class TrainingRun:
         delay = 0.0
         while not self._closing.wait(timeout=delay or self.FLUSH_SECONDS):
             delay = self._try_send(client, delay)
-        while self._failure is None and (not self._synced or self.backlog):  # closing: send what is left
+        while self._failure is None and self.backlog:  # closing: send what is left
             time.sleep(delay)
             delay = self._try_send(client, delay)
 
@@ -399,11 +400,12 @@ class TrainingRun:
         return 0.0
 
     def _send(self, client: MlflowClient) -> None:
-        if not self._synced:
-            self._sent_through = _last_step(client, self.run_id)
-            self._synced = True
         with self._lock:
             rows = [row for row in self._rows if row[0] > self._sent_through]
+        if rows and not self._synced:
+            self._sent_through = _last_step(client, self.run_id, rows[0][1][0].key)
+            self._synced = True
+            rows = [row for row in rows if row[0] > self._sent_through]
         batch: list[Metric] = []
         for i, (epoch, metrics) in enumerate(rows):
             batch += metrics
