@@ -273,10 +273,15 @@ def _assert_delivered_once(client: MlflowClient, run_id: str, epochs: int) -> No
     assert [str(model.status) for model in models] == ["READY"]  # the model, logged once
 
 
-def test_a_tracking_server_restarted_mid_training_stops_nothing_and_gets_every_epoch_once(tmp_path, small_data):
-    """The server goes down while training runs and comes back: training goes on, says that the server is
-    away, and the server ends with every epoch's metrics exactly once, the model, and a FINISHED run."""
-    root, store, port, epochs = _project(tmp_path / "project", small_data, epochs=40), tmp_path / "server", free_port(), 40
+@pytest.mark.parametrize("epochs, back_after", [(40, "does not answer"), (30, "trying again for up to")],
+                         ids=["back-during-training", "back-after-the-last-epoch"])
+def test_a_tracking_server_restarted_mid_training_stops_nothing_and_gets_every_epoch_once(
+    tmp_path, small_data, epochs, back_after
+):
+    """The server goes down while training runs and comes back, before or after the last epoch: training goes
+    on, says that the server is away and when it is back, and the server ends with every epoch's metrics
+    exactly once, the model, and a FINISHED run."""
+    root, store, port = _project(tmp_path / "project", small_data, epochs=epochs), tmp_path / "server", free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "train.log"
     with _mlflow_server(store, port):
@@ -285,12 +290,12 @@ def test_a_tracking_server_restarted_mid_training_stops_nothing_and_gets_every_e
             process = subprocess.Popen(TRAIN, cwd=root, env=_env(MLFLOW_TRACKING_URI=url), stdout=output, stderr=output)
         _wait_for(lambda: (runs := _server_runs(client)) and _epochs_logged(client, runs[0].info.run_id),
                   "the first metrics", process)
-    _wait_for(lambda: "does not answer" in log.read_text(), "the notice that the server is away", process)
+    _wait_for(lambda: back_after in log.read_text(), f"'{back_after}'", process)
     with _mlflow_server(store, port):
         assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
         [run] = _server_runs(client)
         _assert_delivered_once(client, run.info.run_id, epochs)
-    assert "answers again" in log.read_text()
+    assert "answers again; the waiting metrics are sent" in log.read_text()
     assert not list((root / ".vaelab" / "checkpoints").iterdir())
 
 

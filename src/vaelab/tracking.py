@@ -428,6 +428,7 @@ class TrainingRun:
         if self._sender.is_alive() and self._away is not None:
             print(f"{_not_answering(self._away)}; {self.backlog} epochs of metrics wait; trying again for up to "
                   f"{started + patience - time.monotonic():.0f} s", file=sys.stderr)
+            self._told_away = True
         self._sender.join(timeout=max(0.0, started + patience - time.monotonic()))
         if self._failure is not None:
             raise self._failure
@@ -435,6 +436,8 @@ class TrainingRun:
             waiting = [f"{'' if self._synced else 'up to '}{self.backlog} epochs of metrics"]
             waiting += ["the model"] * (model is not None) + [f"the run's end ({status})"]
             raise TrackerAway(_away_message(self._away, ", ".join(waiting), patience, self.run_id))
+        if news := self.news():  # a tracker that was reported away and came back after the last epoch
+            print(news, file=sys.stderr)
         if model is not None:
             patiently(lambda: _log_model_once(self.client, self.run_id, *model), f"the model, the run's end ({status})",
                       self.run_id, patience, started)
