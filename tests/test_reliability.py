@@ -32,6 +32,22 @@ def small_data(mnist, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture
+def start_training():
+    """Starts the train stage as a process; one that a failed test leaves running is killed at its end."""
+    started = []
+
+    def start(root: Path, env: dict[str, str], **popen) -> subprocess.Popen:
+        started.append(subprocess.Popen(TRAIN, cwd=root, env=env, **popen))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def _project(root: Path, small_data: Path | None = None, **params) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump({**Params(device="cpu", batch_size=250).to_dict(), **params}))
@@ -276,7 +292,7 @@ def _assert_delivered_once(client: MlflowClient, run_id: str, epochs: int) -> No
 @pytest.mark.parametrize("epochs, back_after", [(40, "does not answer"), (30, "trying again for up to")],
                          ids=["back-during-training", "back-after-the-last-epoch"])
 def test_a_tracking_server_restarted_mid_training_stops_nothing_and_gets_every_epoch_once(
-    tmp_path, small_data, epochs, back_after
+    tmp_path, small_data, start_training, epochs, back_after
 ):
     """The server goes down while training runs and comes back, before or after the last epoch: training goes
     on, says that the server is away and when it is back, and the server ends with every epoch's metrics
@@ -287,7 +303,7 @@ def test_a_tracking_server_restarted_mid_training_stops_nothing_and_gets_every_e
     with _mlflow_server(store, port):
         client = MlflowClient(url)
         with open(log, "w") as output:
-            process = subprocess.Popen(TRAIN, cwd=root, env=_env(MLFLOW_TRACKING_URI=url), stdout=output, stderr=output)
+            process = start_training(root, _env(MLFLOW_TRACKING_URI=url), stdout=output, stderr=output)
         _wait_for(lambda: (runs := _server_runs(client)) and _epochs_logged(client, runs[0].info.run_id),
                   "the first metrics", process)
     _wait_for(lambda: back_after in log.read_text(), f"'{back_after}'", process)
@@ -300,15 +316,14 @@ def test_a_tracking_server_restarted_mid_training_stops_nothing_and_gets_every_e
 
 
 def test_a_tracking_server_gone_for_good_fails_in_one_line_and_a_later_run_delivers_without_training(
-    tmp_path, small_data
+    tmp_path, small_data, start_training
 ):
     root, store, port, epochs = _project(tmp_path / "project", small_data, epochs=6), tmp_path / "server", free_port(), 6
     url = f"http://127.0.0.1:{port}"
     with _mlflow_server(store, port):
         client = MlflowClient(url)
-        process = subprocess.Popen(TRAIN, cwd=root, env=_env(MLFLOW_TRACKING_URI=url,
-                                                             VAELAB_TRACKING_PATIENCE_SECONDS="8"),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process = start_training(root, _env(MLFLOW_TRACKING_URI=url, VAELAB_TRACKING_PATIENCE_SECONDS="8"),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait_for(lambda: _server_runs(client), "the run", process)
         [run] = _server_runs(client)
     out, err = process.communicate(timeout=600)
@@ -340,11 +355,11 @@ time.sleep(600)
 """
 
 
-def test_a_sqlite_store_locked_past_the_bound_fails_in_one_line_and_loses_nothing(tmp_path, small_data):
+def test_a_sqlite_store_locked_past_the_bound_fails_in_one_line_and_loses_nothing(tmp_path, small_data, start_training):
     """A person's sqlite3 shell holds the store in a write transaction while training ends."""
     root, epochs = _project(tmp_path / "project", small_data, epochs=6), 6
-    process = subprocess.Popen(TRAIN, cwd=root, env=_env(VAELAB_TRACKING_PATIENCE_SECONDS="2"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_training(root, _env(VAELAB_TRACKING_PATIENCE_SECONDS="2"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: list((root / ".vaelab").glob("checkpoints/*/run.json")), "the run", process)
     client, [run] = _runs(root)
     locker = subprocess.Popen([sys.executable, "-c", LOCKS_THE_STORE, str(root / "mlflow.db")],

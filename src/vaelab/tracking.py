@@ -424,12 +424,14 @@ class TrainingRun:
         patience = patience_seconds() if patience is None else patience
         started = time.monotonic()
         self._closing.set()
-        self._sender.join(timeout=min(patience, REPORT_AFTER_SECONDS))
-        if self._sender.is_alive() and self._away is not None:
-            print(f"{_not_answering(self._away)}; {self.backlog} epochs of metrics wait; trying again for up to "
-                  f"{started + patience - time.monotonic():.0f} s", file=sys.stderr)
-            self._told_away = True
-        self._sender.join(timeout=max(0.0, started + patience - time.monotonic()))
+        deadline, reported = started + patience, False
+        while self._sender.is_alive() and (left := deadline - time.monotonic()) > 0:
+            self._sender.join(timeout=min(left, 0.5))
+            if (not reported and self._sender.is_alive() and self._away is not None
+                    and time.monotonic() - started >= REPORT_AFTER_SECONDS):
+                print(f"{_not_answering(self._away)}; {self.backlog} epochs of metrics wait; trying again for up "
+                      f"to {deadline - time.monotonic():.0f} s", file=sys.stderr)
+                self._told_away = reported = True
         if self._failure is not None:
             raise self._failure
         if self._sender.is_alive():
