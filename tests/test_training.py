@@ -156,7 +156,7 @@ from vaelab.config import Params
 images = data.to_float(data.load_split(Path({str(tmp_path)!r}), "train").images)
 params = Params(epochs=2, batch_size=100, device="cpu")
 result = training.train(params, images[:500], images[500:], images[:50])
-seconds, logging_share, wall, _ = bench.project_epoch_seconds(params, images[:500], images[500:], images[:50], Path("x"))
+seconds, logging_share, wall, _, _ = bench.project_epoch_seconds(params, images[:500], images[500:], images[:50], Path("x"))
 print(len(result.history), len(seconds), logging_share)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -89,18 +89,20 @@ class FastStep:
         self.threshold = dropped - 2 ** (MASK_BITS - 1)  # compared with bits read as signed int16
         for parameter in model.parameters():
             parameter.grad = torch.zeros_like(parameter)
-        self._bits = None
+        self._bits = self._keep = None
 
     def _masks(self, batch: int) -> list[torch.Tensor]:
-        """The step's four dropout masks (0 or 1/(1-p)), from one draw of 64-bit random integers."""
+        """The step's four dropout masks (0 or 1/(1-p)), from one draw of 64-bit random integers; views of a
+        buffer that the next call overwrites."""
         count = batch * sum(self.widths)
         device = self.output.weight.device
         if not self.model.config.dropout:
             return [torch.ones(batch, width, device=device) for width in self.widths]
-        if self._bits is None or self._bits.numel() * 4 < count:
+        if self._keep is None or len(self._keep) < count:  # buffers reused by every step: no fresh pages
             self._bits = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
+            self._keep = torch.empty(count, dtype=self.output.weight.dtype, device=device)
         bits = self._bits.random_(-(2**63), 2**63 - 1).view(torch.int16)[:count]
-        keep = (bits >= self.threshold).to(self.output.weight.dtype).mul_(self.keep_scale)
+        keep = torch.mul(bits >= self.threshold, self.keep_scale, out=self._keep[:count])
         return [m.view(batch, width) for m, width in zip(keep.split([batch * w for w in self.widths]), self.widths)]
 
     @torch.no_grad()

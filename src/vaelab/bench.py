@@ -6,7 +6,8 @@
 The baseline is what a user would write: the same model, in-memory tensors, nn.Dropout, autograd and the
 default torch.optim.Adam. The project's epoch is timed as the train stage runs it: validation, snapshots
 and MLflow logging (to a throwaway SQLite store) included. Both are timed in alternating rounds and the
-medians reported, since a shared machine's speed drifts. Where MLflow is not installed (a bare GPU box with
+medians reported, since a shared machine's speed drifts. Both run under the train stage's allocator setting
+(`training.reuse_freed_memory`), so that the ratio does not credit the stage with it. Where MLflow is not installed (a bare GPU box with
 torch alone), the project's epochs are timed without logging and the report says so. Then the evaluate stage
 (K = --iwae-samples) and the render stage are timed once, and on a CPU the report gives the floor of an epoch
 and of the importance-sampled bound: their matrix products alone, with each fp32 kernel.
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -163,9 +165,11 @@ def _training_run(params: Params, store: Path):
 
 def project_epoch_seconds(params: Params, train_x, val_x, snapshot_x, store: Path, step_mode: str | None = None):
     """Epoch times of `training.train` with the train stage's MLflow logging, the logging's share of the
-    wall time (None without MLflow), the whole training's wall time, and its result. Each epoch ends with
+    wall time (None without MLflow), the whole training's wall time, its page faults per epoch (a fault maps
+    a fresh page of memory), and its result. Each epoch ends with
     the validation loss read back to the host, so the stamps include all of the device's work."""
     run = _training_run(params, store)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     stamps, logging = [time.perf_counter()], [0.0]
 
     def on_epoch(row):
@@ -176,13 +180,14 @@ def project_epoch_seconds(params: Params, train_x, val_x, snapshot_x, store: Pat
         stamps.append(time.perf_counter())
 
     result = training.train(params, train_x, val_x, snapshot_x, on_epoch=on_epoch, step_mode=step_mode)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / params.epochs
     start = time.perf_counter()
     if run is not None:
         run.end("FINISHED")
     logging[0] += time.perf_counter() - start
     wall = time.perf_counter() - stamps[0]
     share = logging[0] / wall if run is not None else None
-    return [b - a for a, b in zip(stamps, stamps[1:])], share, wall, result
+    return [b - a for a, b in zip(stamps, stamps[1:])], share, wall, faults, result
 
 
 def evaluation_seconds(model: VAE, splits: dict[str, data.Split], device: torch.device, samples: int,
@@ -249,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = resolve_device(args.device)
     params = Params(device=device.type, epochs=args.epochs)
+    training.reuse_freed_memory()
     splits = _load_splits(args.data)
     train_x, val_x, test_x = (data.to_float(splits[name].images) for name in data.SPLITS)
     snapshot = slice(0, training.SNAPSHOT_IMAGES)
@@ -262,13 +268,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"the importance-sampled bound's matrix products alone (K = {args.iwae_samples}), s: {evaluate_floor}")
 
     baseline_x = train_x.to(device)  # the plain loop's data set, on the device once for every round
-    baseline, project, logging_share = [], [], []
+    baseline, project, logging_share, faults = [], [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.rounds):
             baseline += baseline_epoch_seconds(params, baseline_x, args.baseline_epochs or args.epochs)
-            seconds, share, train_wall, result = project_epoch_seconds(
+            seconds, share, train_wall, epoch_faults, result = project_epoch_seconds(
                 params, train_x, val_x, test_x[snapshot], Path(scratch) / "mlflow.db")
             project += seconds
+            faults.append(epoch_faults)
             logging_share.append(share)
             print(f"round {round_ + 1}: baseline {statistics.median(baseline):.3f} s/epoch, "
                   f"project {statistics.median(project):.3f} s/epoch")
@@ -299,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
         "project_fraction_of_matmul_peak": round(gflop / proj_s / peak, 3),
         "matmul_floor_s_per_epoch": floor,
         "project_fraction_of_floor": None if floor is None else round(min(floor.values()) / proj_s, 3),
+        "project_page_faults_per_epoch": round(statistics.median(faults)),
         "mlflow_logging_share": None if None in logging_share else round(max(logging_share), 4),
         "evaluate_iwae_samples": args.iwae_samples,
         "evaluate_s": round(evaluate, 3),

@@ -48,7 +48,7 @@ def run_cuda_tests() -> dict:
 
 def timed_training(params: Params, splits, step_mode: str, scratch: Path) -> dict:
     train_x, val_x, test_x = (data.to_float(splits[name].images) for name in data.SPLITS)
-    seconds, _, wall, result = bench.project_epoch_seconds(
+    seconds, _, wall, _, result = bench.project_epoch_seconds(
         params, train_x, val_x, test_x[: training.SNAPSHOT_IMAGES], scratch / f"{step_mode}.db", step_mode)
     figures = {"epochs": params.epochs, "train_s": round(wall, 2), "first_epoch_s": round(seconds[0], 3),
                "s_per_epoch": round(statistics.median(seconds[1:] or seconds), 5),

@@ -4,8 +4,10 @@ Importable with torch alone (no MLflow, no DVC): the caller observes progress th
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import platform
 import random
 import time
 from dataclasses import dataclass, field
@@ -74,6 +76,21 @@ def kl_weight(params: Params, epoch: int) -> float:
     if params.kl_warmup_epochs and epoch <= params.kl_warmup_epochs:
         return params.beta * (epoch - 1) / params.kl_warmup_epochs
     return params.beta
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def reuse_freed_memory() -> None:
+    """Have glibc's malloc keep freed memory for the next allocation rather than give it back to the system.
+    A CPU step frees and allocates tensors of 0.5-1.5 MB; by default glibc maps each afresh and the kernel
+    zeroes its pages on first touch: 130,000 page faults an epoch, a tenth of the epoch's time (2-core EPYC).
+    Process-wide; up to 256 MB of freed memory stays with the process. A no-op where libc is not glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest: blocks up to 32 MB come from the heap
+    libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)  # and the heap gives back only what exceeds 256 MB
 
 
 def seed_everything(seed: int) -> None:
@@ -258,6 +275,8 @@ def train(
     """
     device = resolve_device(params.device)
     step_mode = step_mode or ("graphs" if device.type == "cuda" else "eager")
+    if device.type == "cpu":
+        reuse_freed_memory()
     seed_everything(params.seed)
     model = VAE(ModelConfig(params.latent_dim, params.dropout)).to(device)
     optimizer = make_optimizer(params.optimizer, model.parameters(), params.lr, capturable=device.type == "cuda")
