@@ -7,8 +7,9 @@ The baseline is what a user would write: the same model, in-memory tensors, nn.D
 default torch.optim.Adam. The project's epoch is timed as the train stage runs it: validation, snapshots
 and MLflow logging (to a throwaway SQLite store) included. Both are timed in alternating rounds and the
 medians reported, since a shared machine's speed drifts. Both run under the train stage's allocator setting
-(`training.reuse_freed_memory`), so that the ratio does not credit the stage with it. Where MLflow is not installed (a bare GPU box with
-torch alone), the project's epochs are timed without logging and the report says so. Then the evaluate stage
+(`training.reuse_freed_memory`), so that the ratio does not credit the stage with it. Where MLflow is not
+installed (a bare GPU box with torch alone), the project's epochs are timed without logging and the report
+says so. Then the evaluate stage
 (K = --iwae-samples) and the render stage are timed once, and on a CPU the report gives the floor of an epoch
 and of the importance-sampled bound: their matrix products alone, with each fp32 kernel.
 """
@@ -166,8 +167,8 @@ def _training_run(params: Params, store: Path):
 def project_epoch_seconds(params: Params, train_x, val_x, snapshot_x, store: Path, step_mode: str | None = None):
     """Epoch times of `training.train` with the train stage's MLflow logging, the logging's share of the
     wall time (None without MLflow), the whole training's wall time, its page faults per epoch (a fault maps
-    a fresh page of memory), and its result. Each epoch ends with
-    the validation loss read back to the host, so the stamps include all of the device's work."""
+    a fresh page of memory), and its result. Each epoch ends with the validation loss read back to the host,
+    so the stamps include all of the device's work."""
     run = _training_run(params, store)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     stamps, logging = [time.perf_counter()], [0.0]

@@ -108,10 +108,10 @@ class FoldedDecoder:
     def __init__(self, decoder: Decoder):
         net = decoder.net
         self.layers = [(net[0].weight, net[0].bias)]
-        for norm, linear in ((net[2], net[4]), (net[6], net[8])):
+        for norm, layer in ((net[2], net[4]), (net[6], net[8])):
             scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
             shift = norm.bias - norm.running_mean * scale
-            self.layers.append((linear.weight * scale, torch.addmv(linear.bias, linear.weight, shift)))
+            self.layers.append((layer.weight * scale, torch.addmv(layer.bias, layer.weight, shift)))
         self.kernel = matmul_kernel(net[0].weight.device)
 
     @torch.no_grad()

@@ -313,7 +313,8 @@ class TrainingRun:
                 self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
                 self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             else:
-                run_id = self.client.create_run(experiment_id, tags=tags, run_name=tags.get("mlflow.runName")).info.run_id
+                run = self.client.create_run(experiment_id, tags=tags, run_name=tags.get("mlflow.runName"))
+                run_id = run.info.run_id
                 params_logged = [Param(k, str(v)) for k, v in params.training_dict().items()]
                 self.client.log_batch(run_id, params=params_logged)
         return run_id
@@ -499,8 +500,9 @@ def add_to_run(run_id_file: Path, waiting: str, metrics: dict[str, float] | None
         except MlflowException as error:
             if _transient(error):
                 raise
-            raise StageError(f"MLflow run {run_id} (from {run_id_file}) is not in the store "
-                             f"{redacted(tracking_uri())}; re-train to create it there: dvc repro --force train") from None
+            store = redacted(tracking_uri())
+            raise StageError(f"MLflow run {run_id} (from {run_id_file}) is not in the store {store}; "
+                             "re-train to create it there: dvc repro --force train") from None
         with store_lock():
             if batch:
                 client.log_batch(run_id, metrics=batch)

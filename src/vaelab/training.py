@@ -84,7 +84,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mallo
 def reuse_freed_memory() -> None:
     """Have glibc's malloc keep freed memory for the next allocation rather than give it back to the system.
     A CPU step frees and allocates tensors of 0.5-1.5 MB; by default glibc maps each afresh and the kernel
-    zeroes its pages on first touch: 130,000 page faults an epoch, a tenth of the epoch's time (2-core EPYC).
+    zeroes its pages on first touch: about 100,000 page faults an epoch, a tenth of its time (2-core EPYC).
     Process-wide; up to 256 MB of freed memory stays with the process. A no-op where libc is not glibc."""
     if platform.libc_ver()[0] != "glibc":
         return
@@ -270,8 +270,8 @@ def train(
     ELBO whatever the KL weight), and `train_objective`, what the epoch minimised (reconstruction +
     kl_weight * KL). `on_epoch` gets each row as its epoch ends. With `checkpointing`, a run whose checkpoint
     exists continues from it, with the same result as if it had never stopped, and `on_epoch` first gets
-    the restored rows again (for a tracker that may not have them all). `step_mode` is the TrainingStep's: by default `graphs` on a GPU and
-    `eager` on the CPU; the benchmark times the others.
+    the restored rows again (for a tracker that may not have them all). `step_mode` is the TrainingStep's:
+    by default `graphs` on a GPU and `eager` on the CPU; the benchmark times the others.
     """
     device = resolve_device(params.device)
     step_mode = step_mode or ("graphs" if device.type == "cuda" else "eager")
@@ -288,8 +288,9 @@ def train(
     done = 0
     if checkpointing is not None and checkpointing.path.exists():
         done = _restore(checkpointing.path, model, optimizer, shuffle, history, snapshots)
-        for row in history if on_epoch is not None else ():
-            on_epoch(row)
+        if on_epoch is not None:
+            for row in history:
+                on_epoch(row)
     step = TrainingStep(model, optimizer, train_images, params.binarize, step_mode)
     last_save = time.monotonic()
 
