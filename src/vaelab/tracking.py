@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -51,6 +52,17 @@ TRANSIENT_ERROR_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_L
 # `patiently` and the sender thread do the waiting, with a bound.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+class _QuietWhileLocked(logging.Filter):
+    """MLflow's SQLite store logs a locked database with a traceback of some 60 lines before it raises the
+    error that `patiently` and the sender thread wait out and report in one line; other errors still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "database is locked" not in record.getMessage()
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_QuietWhileLocked())
 
 
 def tracking_uri() -> str:
@@ -145,7 +157,8 @@ def _reason(error: BaseException | None) -> str:
 
 
 def _not_answering(error: BaseException | None) -> str:
-    return f"MLflow: {redacted(tracking_uri())} does not answer ({_reason(error)})"
+    """`error` is None while the first try still waits (a SQLite store waits 20 s for a lock itself)."""
+    return f"MLflow: {redacted(tracking_uri())} does not answer {f'({_reason(error)})' if error else 'yet'}"
 
 
 def _away_message(error: BaseException | None, waiting: str, patience: float, run_id: str | None) -> str:
@@ -277,10 +290,10 @@ def _close_orphans(client: MlflowClient, experiment_id: str, keep: str | None) -
 
 
 class TrainingRun:
-    """The MLflow run of one training. Its per-epoch metrics go out in batches from a background thread, so
-    training never waits for the tracker: while a server is down or a SQLite store is locked they wait in
-    memory (the checkpoint holds them too, in the training history) and go out in order, each epoch once,
-    when the tracker answers again.
+    """The MLflow run of one training. Its data sets and per-epoch metrics go out from a background thread, so
+    training never waits for the tracker once the run is open: while a server is down or a SQLite store is
+    locked they wait in memory (the checkpoint holds the metrics too, in the training history) and go out in
+    order, each epoch once, when the tracker answers again.
 
     Each batch holds whole epochs and the store writes a batch at once, so the last epoch the store has
     tells what was delivered; it is asked again after every failure and when `resume_id` continues the run
@@ -293,6 +306,7 @@ class TrainingRun:
         self.client = _client()
         self.run_id = patiently(lambda: self._open(params, resume_id), "the run's start", None)
         self._rows: list[tuple[int, list[Metric]]] = []  # (epoch, its metrics), oldest first
+        self._datasets: list[DatasetInput] = []  # the data sets the run trains on, until they are sent
         self._sent_through = 0  # the last epoch the store has, when `_synced`
         self._synced = resume_id != self.run_id  # a new run has nothing yet
         self._lock = threading.Lock()
@@ -329,21 +343,18 @@ class TrainingRun:
         return True
 
     def log_training_data(self, data_dir: Path, contexts: dict[str, str]) -> None:
-        """The prepared splits the run trains on, as MLflow dataset inputs (the runs table's Dataset column):
-        each named `mnist-<split>`, its digest the md5 that DVC records for the file, its source the file's
-        path in the project; `contexts` maps each split to its role (training, validation)."""
+        """Queue the prepared splits the run trains on, as MLflow dataset inputs (the runs table's Dataset
+        column), for the sender thread: each named `mnist-<split>`, its digest the md5 that DVC records for the
+        file, its source the file's path in the project; `contexts` maps each split to its role (training,
+        validation). The store keeps an input once, however often it is sent."""
         inputs = []
         for split, context in contexts.items():
             path = Path(data_dir) / f"{split}.pt"
             source = get_dataset_source_from_json(json.dumps({"uri": path.as_posix()}), source_type="local")
             dataset = MetaDataset(source, name=f"mnist-{split}", digest=md5(path))._to_mlflow_entity()
             inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
-
-        def log_inputs():
-            with store_lock():
-                self.client.log_inputs(self.run_id, datasets=inputs)
-
-        patiently(log_inputs, "the run's data sets", self.run_id)
+        with self._lock:
+            self._datasets = inputs
 
     def log_epoch(self, row: dict[str, float]) -> None:
         """Queue an epoch's metrics; the sender thread delivers them."""
@@ -383,7 +394,7 @@ class TrainingRun:
         delay = 0.0
         while not self._closing.wait(timeout=delay or self.FLUSH_SECONDS):
             delay = self._try_send(client, delay)
-        while self._failure is None and self.backlog:  # closing: send what is left
+        while self._failure is None and (self.backlog or self._datasets):  # closing: send what is left
             time.sleep(delay)
             delay = self._try_send(client, delay)
 
@@ -403,6 +414,12 @@ class TrainingRun:
     def _send(self, client: MlflowClient) -> None:
         with self._lock:
             rows = [row for row in self._rows if row[0] > self._sent_through]
+            datasets = self._datasets
+        if datasets:
+            with store_lock():
+                client.log_inputs(self.run_id, datasets=datasets)
+            with self._lock:
+                self._datasets = [] if self._datasets is datasets else self._datasets
         if rows and not self._synced:
             self._sent_through = _last_step(client, self.run_id, rows[0][1][0].key)
             self._synced = True
@@ -428,8 +445,7 @@ class TrainingRun:
         deadline, reported = started + patience, False
         while self._sender.is_alive() and (left := deadline - time.monotonic()) > 0:
             self._sender.join(timeout=min(left, 0.5))
-            if (not reported and self._sender.is_alive() and self._away is not None
-                    and time.monotonic() - started >= REPORT_AFTER_SECONDS):
+            if not reported and self._sender.is_alive() and time.monotonic() - started >= REPORT_AFTER_SECONDS:
                 print(f"{_not_answering(self._away)}; {self.backlog} epochs of metrics wait; trying again for up "
                       f"to {deadline - time.monotonic():.0f} s", file=sys.stderr)
                 self._told_away = reported = True
@@ -437,7 +453,8 @@ class TrainingRun:
             raise self._failure
         if self._sender.is_alive():
             waiting = [f"{'' if self._synced else 'up to '}{self.backlog} epochs of metrics"]
-            waiting += ["the model"] * (model is not None) + [f"the run's end ({status})"]
+            waiting += ["the run's data sets"] * bool(self._datasets) + ["the model"] * (model is not None)
+            waiting += [f"the run's end ({status})"]
             raise TrackerAway(_away_message(self._away, ", ".join(waiting), patience, self.run_id))
         if news := self.news():  # a tracker that was reported away and came back after the last epoch
             print(news, file=sys.stderr)
