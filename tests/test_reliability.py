@@ -1,6 +1,7 @@
 """What happens when things go wrong, through the real stage scripts: bad input, an unreachable tracking
 server, divergence, Ctrl-C/SIGTERM and kill -9 with resume."""
 import os
+import re
 import shutil
 import signal
 import socket
@@ -332,8 +333,8 @@ def test_a_tracking_server_gone_for_good_fails_in_one_line_and_a_later_run_deliv
     assert process.returncode == 2 and "Traceback" not in err, err[-3000:]
     [error] = [line for line in err.splitlines() if line.startswith("error:")]
     assert f"the MLflow tracking server {url} did not answer for 8 s (connection refused)" in error
-    # the server went away before the sender's first flush, so the data sets wait too
-    assert "epochs of metrics, the run's data sets, the model, the run's end (FINISHED)" in error
+    # the data sets wait too unless the sender's first flush, 10 s in, beat the server's end
+    assert re.search(r"epochs of metrics, (the run's data sets, )?the model, the run's end \(FINISHED\)", error)
     assert run.info.run_id in error
     assert "dvc repro" in error and "skip the training" in error
     assert all((root / path).exists() for path in ("models/vae.pt", "models/run.json", "reports/history.csv"))
