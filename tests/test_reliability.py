@@ -379,7 +379,7 @@ def test_a_sqlite_store_locked_past_the_bound_fails_in_one_line_and_loses_nothin
     assert process.returncode == 2 and "Traceback" not in err, err[-3000:]
     [error] = [line for line in err.splitlines() if line.startswith("error:")]
     assert f"the MLflow store sqlite:///{root / 'mlflow.db'} stayed locked for 25 s" in error and run.info.run_id in error
-    assert "waiting to be sent: up to 6 epochs of metrics, the run's data sets, the model" in error
+    assert "6 epochs of metrics, the run's data sets, the model" in error
     assert "does not answer yet; 6 epochs of metrics wait; trying again for up to 2" in err
     assert "database is locked" not in err  # MLflow's own report of the lock, with its SQL and traceback
     assert list((root / ".vaelab").glob("checkpoints/*/state.pt"))
