@@ -362,8 +362,8 @@ time.sleep(600)
 
 def test_a_sqlite_store_locked_past_the_bound_fails_in_one_line_and_loses_nothing(tmp_path, small_data, start_training):
     """A person's sqlite3 shell holds the store in a write transaction from just after the run opened. The
-    patience outlasts SQLite's own wait (MLflow's busy timeout, 20 s), so MLflow meets the lock and says so,
-    and what the user sees is still one line a try and one error line."""
+    patience outlasts SQLite's own wait (MLflow's busy timeout, 20 s), so MLflow meets the lock and logs it;
+    what the user sees is still one line that the stage waits and one error line."""
     root, epochs = _project(tmp_path / "project", small_data, epochs=6), 6
     process = start_training(root, _env(VAELAB_TRACKING_PATIENCE_SECONDS="25"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

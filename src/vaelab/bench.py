@@ -9,9 +9,9 @@ and MLflow logging (to a throwaway SQLite store) included. Both are timed in alt
 medians reported, since a shared machine's speed drifts. Both run under the train stage's allocator setting
 (`training.reuse_freed_memory`), so that the ratio does not credit the stage with it. Where MLflow is not
 installed (a bare GPU box with torch alone), the project's epochs are timed without logging and the report
-says so. Then the evaluate stage
-(K = --iwae-samples) and the render stage are timed once, and on a CPU the report gives the floor of an epoch
-and of the importance-sampled bound: their matrix products alone, with each fp32 kernel.
+says so. Then the evaluate stage (K = --iwae-samples) and the render stage are timed once, and on a CPU the
+report gives the floor of an epoch and of the importance-sampled bound: their matrix products alone, with
+each fp32 kernel.
 """
 from __future__ import annotations
 

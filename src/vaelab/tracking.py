@@ -418,8 +418,7 @@ class TrainingRun:
         if datasets:
             with store_lock():
                 client.log_inputs(self.run_id, datasets=datasets)
-            with self._lock:
-                self._datasets = [] if self._datasets is datasets else self._datasets
+            self._datasets = []
         if rows and not self._synced:
             self._sent_through = _last_step(client, self.run_id, rows[0][1][0].key)
             self._synced = True
