@@ -23,6 +23,18 @@ def mnist(mnist_dir, tmp_path_factory) -> dict[str, data.Split]:
     return data.load_mnist(tmp_path_factory.mktemp("mnist-cache"), mirror=str(mnist_dir))
 
 
+@pytest.fixture(scope="module")
+def module_tmp_path(request, tmp_path_factory) -> Path:
+    """A folder for what a module's tests share (projects, servers, data). It is removed when the module ends
+    unless one of the module's tests failed, as pytest removes a passed test's tmp_path (pyproject.toml's
+    tmp_path_retention_policy): a CI machine's disk then holds one module's projects at a time, not the run's."""
+    folder = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    failed_before = request.session.testsfailed
+    yield folder
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture
 def damaged_mirror(mnist_dir, tmp_path):
     """Make a copy of the MNIST folder with one file truncated or with one byte changed."""

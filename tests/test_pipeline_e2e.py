@@ -25,8 +25,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, mnist_dir):
-    return new_project(tmp_path_factory.mktemp("project"), user_env(mnist_dir))
+def project(module_tmp_path, mnist_dir):
+    return new_project(module_tmp_path / "project", user_env(mnist_dir))
 
 
 def _client(project: Project) -> MlflowClient:
@@ -282,10 +282,10 @@ def test_the_mlflow_ui_shows_the_runs_and_the_manifold_gif_in_a_real_browser(rep
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, mnist_dir):
+def sweep(module_tmp_path, mnist_dir):
     """A grid of latent sizes and seeds, queued in a fresh project (no MLflow experiment yet) and run on two
     workers of one CPU thread each, as the README advises for a 2-core machine."""
-    project = new_project(tmp_path_factory.mktemp("sweep"), user_env(mnist_dir), epochs=1)
+    project = new_project(module_tmp_path / "sweep", user_env(mnist_dir), epochs=1)
     project.run("dvc", "exp", "run", "--queue", *(
         arg for key, values in SWEEP.items() for arg in ("-S", f"{key}={','.join(map(str, values))}")))
     Project(project.root, dict(project.env, OMP_NUM_THREADS="1")).run("dvc", "queue", "start", "-j", "2")

@@ -24,9 +24,10 @@ TRAIN = [sys.executable, str(REPO / "pipeline" / "train.py"), "data", "models", 
 
 
 @pytest.fixture(scope="module")
-def small_data(mnist, tmp_path_factory) -> Path:
+def small_data(mnist, module_tmp_path) -> Path:
     """Real MNIST, fewer images: 20,000 to train on, so an epoch takes well under a second."""
-    folder = tmp_path_factory.mktemp("data")
+    folder = module_tmp_path / "data"
+    folder.mkdir()
     train, val = data.split_validation(mnist["train"], 1000, seed=0)
     for name, split in (("train", train), ("val", val), ("test", mnist["test"])):
         data.save_split(data.Split(split.images[:20000], split.labels[:20000]), folder / f"{name}.pt")

@@ -67,9 +67,10 @@ def _psql(database_uri: str, query: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def team(postgres, tmp_path_factory, mnist_dir):
+def team(postgres, module_tmp_path, mnist_dir):
     """The shared places: the tracking server (as the README starts it), a bare git repository, a DVC remote."""
-    shared = tmp_path_factory.mktemp("shared")
+    shared = module_tmp_path / "shared"
+    shared.mkdir()
     port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
                "--artifacts-destination", str(shared / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
@@ -84,10 +85,10 @@ def _sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def first_machine(team, tmp_path_factory, mnist_dir):
+def first_machine(team, module_tmp_path, mnist_dir):
     """Train the baseline and one experiment against the server, then share them: git push, dvc push,
     dvc exp push."""
-    machine = new_project(tmp_path_factory.mktemp("machine-a"),
+    machine = new_project(module_tmp_path / "machine-a",
                           user_env(mnist_dir, MLFLOW_TRACKING_URI=team["tracking_uri"]))
     machine.run("dvc", "remote", "add", "--default", "shared", str(team["dvc_remote"]))
     machine.run("git", "remote", "add", "origin", str(team["git"]))
@@ -123,9 +124,9 @@ def test_runs_live_in_postgresql_and_their_artifacts_in_the_servers_artifact_roo
     assert decoder.predict(np.zeros((1, 3), dtype=np.float32)).shape == (1, 28, 28)
 
 
-def test_a_second_machine_pulls_data_models_and_experiments_without_retraining(team, first_machine, tmp_path_factory,
+def test_a_second_machine_pulls_data_models_and_experiments_without_retraining(team, first_machine, tmp_path,
                                                                                mnist_dir):
-    root = tmp_path_factory.mktemp("machine-b") / "vaelab"
+    root = tmp_path / "vaelab"
     subprocess.run(["git", "clone", "-q", str(team["git"]), str(root)], check=True)
     machine = Project(root, user_env(mnist_dir, MLFLOW_TRACKING_URI=team["tracking_uri"]))
     machine.run("dvc", "pull")
