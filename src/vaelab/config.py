@@ -38,6 +38,7 @@ class Params:
     val_size: int = 5000
     binarize: str = "none"
     iwae_samples: int = 500
+    conditional: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -52,7 +53,8 @@ class Params:
         return hashlib.sha256(json.dumps(self.training_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-# key -> (type, check, what is allowed). bool is rejected for numbers: yaml `yes` is not a latent size.
+# key -> (type, check, what is allowed). bool is rejected for numbers (yaml `yes` is not a latent size), and only a
+# bool is a bool (not 1, nor the string "true").
 _RULES: dict[str, tuple[type, Any, str]] = {
     "latent_dim": (int, lambda v: 1 <= v <= 1024, "an integer from 1 to 1024"),
     "dropout": (float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
@@ -67,6 +69,7 @@ _RULES: dict[str, tuple[type, Any, str]] = {
     "device": (str, lambda v: v in ("auto", "cpu", "cuda"), "one of: auto, cpu, cuda"),
     "binarize": (str, lambda v: v in ("none", "dynamic", "static"), "one of: none, dynamic, static"),
     "iwae_samples": (int, lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),
+    "conditional": (bool, lambda v: True, "true or false"),
     "val_size": (int, lambda v: 1 <= v <= MNIST_TRAIN_SIZE // 2, f"an integer from 1 to {MNIST_TRAIN_SIZE // 2}"),
 }
 
@@ -75,7 +78,8 @@ def _check(key: str, value: Any) -> Any:
     kind, ok, allowed = _RULES[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, kind) or (kind is float and not math.isfinite(value)):
+    if (isinstance(value, bool) != (kind is bool) or not isinstance(value, kind)
+            or (kind is float and not math.isfinite(value))):
         raise ParamsError(f"params.yaml: {key}: {value!r} is not allowed; expected {allowed}")
     if not ok(value):
         raise ParamsError(f"params.yaml: {key}: {value!r} is out of range; expected {allowed}")
