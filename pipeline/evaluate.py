@@ -22,13 +22,14 @@ def main(argv):
     check_writable(metrics_json, per_digit_csv, per_dimension_csv, evaluation_md)
     tracking.check_reachable(patient=True)  # the run exists: a server away may be restarting
     device = resolve_device(params.device)
-    model = load_vae(model_dir / "vae.pt").to(device)
+    model = load_vae(model_dir / "vae.pt", params.conditional).to(device)
     train, test = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
     test_x = data.model_inputs(test.images, params.binarize, "test")
     train_x = data.model_inputs(train.images, "none" if params.binarize == "none" else "static", "train")
     test_x, test_labels, train_x, train_labels = (t.to(device) for t in (test_x, test.labels, train_x, train.labels))
 
-    with tqdm(total=len(test_x), unit="image", desc=f"log p(x), K = {params.iwae_samples}, on {device}") as bar:
+    passes = metrics.bound_passes(model)  # a conditional VAE's bound goes over the test set under each label
+    with tqdm(total=passes * len(test_x), unit="image", desc=f"log p(x), K = {params.iwae_samples}, on {device}") as bar:
         results = metrics.test_results(model, test_x, test_labels, train_x, train_labels, params.seed,
                                        params.iwae_samples, on_progress=bar.update)
 
@@ -40,9 +41,10 @@ def main(argv):
             write_rows(rows, path)
     with atomic_file(evaluation_md) as path:
         path.write_text(metrics.evaluation_report(results, params.binarize, params.iwae_samples))
-    for key in ("test_neg_elbo", "test_iwae_nll", "test_elbo_gap", "test_active_units",
+    for key in ("test_neg_elbo", "test_iwae_nll", "test_iwae_nll_given_label", "test_elbo_gap", "test_active_units",
                 "test_latent_classifier_accuracy", "test_mse_per_pixel"):
-        print(f"{key}: {results[key]:.4f}")
+        if key in results:
+            print(f"{key}: {results[key]:.4f}")
     tracking.add_to_run(model_dir / "run.json", "the test metrics and evaluation.md",
                         metrics={**results, "iwae_samples": params.iwae_samples},  # the K of test_iwae_nll
                         artifacts={evaluation_md: None})

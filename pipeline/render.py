@@ -1,5 +1,6 @@
 """Stage `render`: the seed's pictures (reconstructions, manifold, latent scatter, their GIFs, learning
-curves) into FIGURES_DIR and the MLflow run.
+curves) into FIGURES_DIR and the MLflow run; for a conditional VAE the manifold under each digit in place of the
+seed's one, and the style transfer.
 
 usage: python pipeline/render.py DATA_DIR MODEL_DIR HISTORY_CSV FIGURES_DIR
 """
@@ -7,29 +8,40 @@ import torch
 
 from vaelab import data, figures, metrics, tracking
 from vaelab.config import load
-from vaelab.model import load_vae
+from vaelab.model import DIGITS, load_vae, manifold_images
 from vaelab.stages import atomic_dir, check_writable, paths, read_history, run_stage
 
 RECONSTRUCTED_DIGITS = 10
 
 
 def main(argv):
-    load()  # validate params.yaml, though no picture depends on it
+    params = load()
     data_dir, model_dir, history_csv, figures_dir = paths(argv, "DATA_DIR", "MODEL_DIR", "HISTORY_CSV", "FIGURES_DIR")
     check_writable(figures_dir)
     tracking.check_reachable(patient=True)  # the run exists: a server away may be restarting
-    model = load_vae(model_dir / "vae.pt")
+    model = load_vae(model_dir / "vae.pt", params.conditional)
     snapshots = torch.load(model_dir / "snapshots.pt", weights_only=True)
     epochs = snapshots["epochs"].tolist()
     manifolds, means, labels = (snapshots[k].numpy() for k in ("manifolds", "latent_means", "labels"))
-    digits = data.to_float(data.load_split(data_dir, "test").images[:RECONSTRUCTED_DIGITS])
+    test = data.load_split(data_dir, "test")
+    digits, digit_labels = data.to_float(test.images[:RECONSTRUCTED_DIGITS]), test.labels[:RECONSTRUCTED_DIGITS]
+    latent_dim = model.config.latent_dim
 
     with atomic_dir(figures_dir) as out:
-        figures.reconstructions(
-            digits.reshape(-1, 28, 28).numpy(), metrics.reconstruct(model, digits).numpy(), out / "reconstructions.png"
-        )
-        figures.manifold(manifolds[-1], epochs[-1], model.config.latent_dim, out / "manifold.png")
-        figures.manifold_animation(manifolds, epochs, out / "manifold.gif")
+        figures.reconstructions(digits.reshape(-1, 28, 28).numpy(),
+                                metrics.reconstruct(model, digits, digit_labels).numpy(), out / "reconstructions.png")
+        if model.config.conditional:
+            figures.manifold_per_digit(manifold_images(model).numpy(), epochs[-1], latent_dim,
+                                       out / "manifold_per_digit.png")
+            figures.manifold_per_digit_animation(manifolds, epochs, out / "manifold.gif")
+            first_of_each = torch.stack([(test.labels == digit).nonzero()[0, 0] for digit in range(DIGITS)])
+            originals = data.to_float(test.images[first_of_each])
+            figures.style_transfer(originals.reshape(-1, 28, 28).numpy(),
+                                   metrics.style_transfer(model, originals, test.labels[first_of_each]).numpy(),
+                                   out / "style_transfer.png")
+        else:
+            figures.manifold(manifolds[-1], epochs[-1], latent_dim, out / "manifold.png")
+            figures.manifold_animation(manifolds, epochs, out / "manifold.gif")
         figures.latent_scatter(means[-1], labels, epochs[-1], out / "latent_scatter.png")
         figures.latent_scatter_animation(means, labels, epochs, out / "latent_scatter.gif")
         figures.learning_curves(read_history(history_csv), out / "learning_curves.png")

@@ -1,4 +1,4 @@
-"""Stage `train`: train the seed's VAE, log it to an MLflow run, save weights, snapshots and history.
+"""Stage `train`: train the seed's VAE (or its conditional form), log it to an MLflow run, save weights, snapshots and history.
 
 usage: python pipeline/train.py DATA_DIR MODEL_DIR HISTORY_CSV
 
@@ -57,6 +57,7 @@ def main(argv):
                 data.model_inputs(val_set.images, params.binarize, "val"),
                 data.model_inputs(snapshot_set.images, params.binarize, "test"),
                 on_epoch=on_epoch, checkpointing=checkpointing,
+                labels=(train_set.labels, val_set.labels, snapshot_set.labels),
             )
         except training.TrainingDiverged as diverged:
             shutil.rmtree(checkpoint_dir)  # resuming would only diverge again
@@ -71,7 +72,7 @@ def main(argv):
         with atomic_file(model_dir / "run.json") as path:
             tracking.write_run_id(path, run.run_id)
         try:
-            run.end("FINISHED", model=(model_dir / "vae.pt", params.latent_dim))
+            run.end("FINISHED", model=(model_dir / "vae.pt", result.model.config))
         except tracking.TrackerAway as away:  # the checkpoint stays, so that rerun trains nothing
             kept = checkpoint_dir.relative_to(project_root())
             raise tracking.TrackerAway(f"{away}; the checkpoint {kept} makes that rerun skip the training") from None

@@ -1,4 +1,4 @@
-"""The likelihood estimate against an exact integral, on a model whose latent is one-dimensional."""
+"""The likelihood estimates against an exact integral, on models whose latent is one-dimensional."""
 import math
 
 import pytest
@@ -8,7 +8,8 @@ from torch.distributions import Normal
 
 from vaelab import data
 from vaelab.config import Params
-from vaelab.metrics import importance_log_likelihood, elbo_metrics
+from vaelab import metrics
+from vaelab.metrics import elbo_metrics, importance_log_likelihood, log_likelihood_per_label, marginal_log_likelihood
 from vaelab.model import reconstruction_nll, reconstruction_nll_
 from vaelab.training import train
 
@@ -20,11 +21,22 @@ def one_dim_model(mnist):
     return train(params, images[:2500], images[2500:], images[:100]).model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_dim_conditional_model(mnist):
+    images, labels = data.to_float(mnist["train"].images[:3000]), mnist["train"].labels[:3000]
+    # 10 epochs: after 3, q(z|x, y) is still far from the posterior and a bound of 5000 samples can be nats off
+    params = Params(latent_dim=1, epochs=10, batch_size=100, lr=1e-3, device="cpu", conditional=True)
+    return train(params, images[:2500], images[2500:], images[:100],
+                 labels=(labels[:2500], labels[2500:], labels[:100])).model.eval()
+
+
 @torch.no_grad()
-def _exact_log_likelihood(model, x: torch.Tensor, points: int = 20001, limit: float = 10.0) -> torch.Tensor:
-    """log p(x) = log integral p(x|z) p(z) dz, by the trapezoid-free Riemann sum on a fine 1-D grid."""
+def _exact_log_likelihood(model, x: torch.Tensor, points: int = 20001, limit: float = 10.0,
+                          label: int | None = None) -> torch.Tensor:
+    """log p(x) = log integral p(x|z) p(z) dz (or log p(x|y) under `label`), by the trapezoid-free Riemann sum on
+    a fine 1-D grid."""
     z = torch.linspace(-limit, limit, points).unsqueeze(1)
-    logits = model.decoder(z)
+    logits = model.decoder(z, None if label is None else torch.full((points,), label))
     log_px_z = -torch.stack([reconstruction_nll(logits, image.expand_as(logits)) for image in x])
     log_pz = -0.5 * z.squeeze(1).square() - 0.5 * math.log(2 * math.pi)
     return torch.logsumexp(log_px_z + log_pz, dim=1) + math.log(2 * limit / (points - 1))
@@ -35,6 +47,38 @@ def test_importance_estimate_agrees_with_the_exact_likelihood(one_dim_model, mni
     torch.manual_seed(0)
     estimate = importance_log_likelihood(one_dim_model, x, samples=5000)
     torch.testing.assert_close(estimate, _exact_log_likelihood(one_dim_model, x), atol=0.5, rtol=0)
+
+
+def test_conditional_estimates_agree_with_the_exact_likelihoods_given_each_label_and_over_labels(
+        one_dim_conditional_model, mnist):
+    x, y = data.to_float(mnist["test"].images[:8]), mnist["test"].labels[:8]
+    torch.manual_seed(0)
+    per_label = log_likelihood_per_label(one_dim_conditional_model, x, samples=5000)
+    exact = torch.stack([_exact_log_likelihood(one_dim_conditional_model, x, label=d) for d in range(10)], dim=1)
+    # A 1-D posterior given a label can have two modes that a Gaussian q(z|x, y) covers unevenly: some images' bounds
+    # are up to half a nat off at K = 5000. Labels routed to the wrong images or samples would be nats off.
+    true = y.unsqueeze(1)
+    torch.testing.assert_close(per_label.gather(1, true), exact.gather(1, true), atol=1.0, rtol=0)
+    # (under a wrong label q(z|x, y') is a poor proposal, the bound often nats low; p(x) hardly depends on it)
+    exact_marginal = torch.logsumexp(exact, dim=1) - math.log(10)  # uniform p(y)
+    torch.testing.assert_close(marginal_log_likelihood(per_label), exact_marginal, atol=1.0, rtol=0)
+
+
+def test_a_conditional_runs_bound_of_log_p_x_is_within_ln_10_of_its_bound_given_the_label(
+        one_dim_conditional_model, mnist):
+    """p(x) = (1/10) sum_y' p(x|y') >= p(x|y) / 10, so -log p(x) <= -log p(x|y) + ln 10: exactly so for the
+    estimates, image by image, when they come from the same samples."""
+    x, y = data.to_float(mnist["test"].images[:300]), mnist["test"].labels[:300]
+    torch.manual_seed(0)
+    per_label = log_likelihood_per_label(one_dim_conditional_model, x, samples=50)
+    given_label = per_label.gather(1, y.unsqueeze(1)).squeeze(1)
+    assert (-marginal_log_likelihood(per_label) <= -given_label + math.log(10) + 1e-4).all()
+
+    train_x, train_y = data.to_float(mnist["train"].images[:500]), mnist["train"].labels[:500]
+    results = metrics.test_results(one_dim_conditional_model, x, y, train_x, train_y, seed=0, iwae_samples=50)
+    assert results["test_iwae_nll"] <= results["test_iwae_nll_given_label"] + math.log(10)
+    assert results["test_iwae_nll"] == pytest.approx(-marginal_log_likelihood(per_label).mean().item(), abs=1e-4)
+    assert results["test_elbo_gap"] == pytest.approx(results["test_neg_elbo"] - results["test_iwae_nll_given_label"])
 
 
 @torch.no_grad()

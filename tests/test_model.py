@@ -1,4 +1,4 @@
-"""The seed's model and objective."""
+"""The seed's model, its conditional form, and their objective."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +6,8 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from vaelab.model import (
-    KERAS_LEAKY_SLOPE, MATMUL_KERNELS, SEED_LOSS_SCALE, VAE, FoldedDecoder, ModelConfig, kl_to_standard_normal,
+    KERAS_LEAKY_SLOPE, MATMUL_KERNELS, SEED_LOSS_SCALE, VAE, FoldedDecoder, LabelMismatch, ModelConfig,
+    kl_to_standard_normal,
     linear, load_vae, manifold_grid, manifold_latents, matmul_kernel, negative_elbo, save_vae,
 )
 
@@ -79,7 +80,9 @@ def test_saved_model_loads_weights_only(tmp_path):
     assert loaded.config == ModelConfig(4, 0.1) and not loaded.training
     z = torch.randn(3, 4)
     torch.testing.assert_close(loaded.decode(z), model.decode(z))
-    assert set(torch.load(tmp_path / "vae.pt", weights_only=True)) == {"config", "state_dict"}
+    saved = torch.load(tmp_path / "vae.pt", weights_only=True)
+    assert set(saved) == {"config", "state_dict"}
+    assert saved["config"] == {"latent_dim": 4, "dropout": 0.1}  # the seed's file as before: the same bytes
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -102,10 +105,10 @@ def test_the_kernel_is_onednn_exactly_where_pytorch_runs_avx512_code():
     assert matmul_kernel(torch.device("cuda")) == "mm" and set(MATMUL_KERNELS) == {"mm", "onednn"}
 
 
-@pytest.mark.parametrize("latent_dim", [1, 2, 8])
-def test_the_folded_decoder_is_the_eval_decoder(latent_dim):
+@pytest.mark.parametrize("latent_dim, conditional", [(1, False), (2, False), (8, False), (2, True)])
+def test_the_folded_decoder_is_the_eval_decoder(latent_dim, conditional):
     torch.manual_seed(0)
-    model = VAE(ModelConfig(latent_dim))
+    model = VAE(ModelConfig(latent_dim, conditional=conditional))
     for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):  # a trained model's statistics
         norm.running_mean.normal_()
         norm.running_var.uniform_(0.2, 3)
@@ -113,5 +116,41 @@ def test_the_folded_decoder_is_the_eval_decoder(latent_dim):
         nn.init.normal_(norm.bias)
     model.eval()
     z = torch.randn(300, latent_dim) * 2
+    labels = torch.arange(300) % 10 if conditional else None
     with torch.no_grad():
-        torch.testing.assert_close(FoldedDecoder(model.decoder)(z), model.decoder(z), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(FoldedDecoder(model.decoder)(z, labels), model.decoder(z, labels), rtol=1e-5,
+                                   atol=1e-4)
+
+
+def test_the_conditional_vae_takes_the_one_hot_label_beside_x_and_beside_z():
+    model = VAE(ModelConfig(latent_dim=3, conditional=True)).eval()
+    assert model.encoder.body[0].in_features == 784 + 10 and model.decoder.net[0].in_features == 3 + 10
+    torch.manual_seed(0)
+    z = torch.randn(1, 3).repeat(10, 1)
+    drawn = model.decode(z, torch.arange(10))  # one z under each digit
+    # every label draws another image: the decoder's output depends on the label, not only on z
+    distances = torch.cdist(drawn.reshape(10, -1), drawn.reshape(10, -1))
+    assert (distances + torch.eye(10) > 1e-3).all()
+    x = torch.rand(4, 784)
+    mean_0, _ = model.encoder(x, torch.zeros(4, dtype=torch.int64))
+    mean_7, _ = model.encoder(x, torch.full((4,), 7))
+    assert not torch.allclose(mean_0, mean_7)  # and so does the encoder's
+
+
+def test_a_model_refuses_labels_of_the_wrong_kind_in_one_line():
+    with pytest.raises(LabelMismatch, match="^this VAE needs the digit labels$"):
+        VAE(ModelConfig(conditional=True)).eval().decode(torch.zeros(2, 2))
+    with pytest.raises(LabelMismatch, match=r"^this VAE takes no labels \(it is unconditional\)$"):
+        VAE(ModelConfig()).eval().decode(torch.zeros(2, 2), torch.zeros(2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("saved, expected", [(True, False), (False, True)])
+def test_loading_a_model_of_the_other_kind_says_so_in_one_line(tmp_path, saved, expected):
+    save_vae(VAE(ModelConfig(conditional=saved)), tmp_path / "vae.pt")
+    kinds = {True: "conditional", False: "unconditional"}
+    with pytest.raises(LabelMismatch) as error:
+        load_vae(tmp_path / "vae.pt", conditional=expected)
+    assert str(error.value) == (f"{tmp_path / 'vae.pt'} holds a VAE that is {kinds[saved]}, but params.yaml has "
+                                f"conditional: {str(expected).lower()}; run the train stage again (dvc repro) to "
+                                "train that one")
+    assert load_vae(tmp_path / "vae.pt", conditional=saved).config.conditional is saved

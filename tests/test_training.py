@@ -32,8 +32,9 @@ CUDA = DEVICES[1:]
 
 def _small_run(mnist, step_mode=None, **overrides):
     params = Params(**{"epochs": 2, "batch_size": 100, "device": "cpu", **overrides})
-    images = data.to_float(mnist["train"].images[:1000])
-    return train(params, images[:790], images[790:], images[:300], step_mode=step_mode)  # batches of 100 and 90
+    images, labels = data.to_float(mnist["train"].images[:1000]), mnist["train"].labels[:1000]
+    return train(params, images[:790], images[790:], images[:300], step_mode=step_mode,  # batches of 100 and 90
+                 labels=(labels[:790], labels[790:], labels[:300]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -45,12 +46,22 @@ def test_same_seed_gives_identical_runs(mnist, device):
     assert _small_run(mnist, device=device, seed=1).history != first.history
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_conditional_run_is_seeded_and_snapshots_the_manifold_under_each_digit(mnist, device):
+    first = _small_run(mnist, device=device, conditional=True)
+    second = _small_run(mnist, device=device, conditional=True)
+    assert first.history == second.history and first.model.config.conditional
+    assert first.history != _small_run(mnist, device=device).history  # the label changes what is learnt
+    assert [m.shape for m in first.snapshots.manifolds] == [(10, 5 * 28, 5 * 28)] * 2  # epochs 1 and 2
+    assert first.snapshots.latent_means[-1].shape == (300, 2)
+
+
 @pytest.mark.parametrize("device", CUDA)
-@pytest.mark.parametrize("binarize", ["none", "dynamic"])
-def test_cuda_graph_replays_train_as_the_eager_step_does(mnist, device, binarize):
+@pytest.mark.parametrize("binarize, conditional", [("none", False), ("dynamic", False), ("dynamic", True)])
+def test_cuda_graph_replays_train_as_the_eager_step_does(mnist, device, binarize, conditional):
     """Replayed graphs of both batch sizes (after two eager warm-up steps each) against the eager step."""
-    graphs = _small_run(mnist, device=device, binarize=binarize, epochs=4)
-    eager = _small_run(mnist, "eager", device=device, binarize=binarize, epochs=4)
+    graphs = _small_run(mnist, device=device, binarize=binarize, epochs=4, conditional=conditional)
+    eager = _small_run(mnist, "eager", device=device, binarize=binarize, epochs=4, conditional=conditional)
     for row_graphs, row_eager in zip(graphs.history, eager.history):
         assert row_graphs == pytest.approx(row_eager, rel=1e-4)
     for (name, a), b in zip(graphs.model.state_dict().items(), eager.model.state_dict().values()):

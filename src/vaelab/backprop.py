@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vaelab.model import KERAS_BN, KERAS_LEAKY_SLOPE, SEED_LOSS_SCALE, VAE, linear, matmul_kernel, reconstruction_nll_
+from vaelab.model import (KERAS_BN, KERAS_LEAKY_SLOPE, SEED_LOSS_SCALE, VAE, linear, matmul_kernel,
+                          reconstruction_nll_, with_label)
 
 MASK_BITS = 16  # dropout keeps a unit when 16 random bits exceed round(p * 2**16): p to within 2**-17
 
@@ -68,9 +69,9 @@ def _linear_backward(layer: nn.Linear, inputs, grad, need_input_grad: bool, kern
 
 
 class FastStep:
-    """One optimisation step's forward and backward on `model`, writing the gradients of the seed's loss
-    (mean training objective / 1568: reconstruction + `kl_weight` * KL, `model.training_objective`) into each
-    parameter's `.grad`. The model must be in training mode. `kernel` is the matrix-multiply kernel of the
+    """One optimisation step's forward and backward on `model`, the seed's VAE or its conditional form, writing
+    the gradients of the seed's loss (mean training objective / 1568: reconstruction + `kl_weight` * KL,
+    `model.training_objective`) into each parameter's `.grad`. The model must be in training mode. `kernel` is the matrix-multiply kernel of the
     products (`vaelab.model.matmul_kernel`, the machine's choice by default)."""
 
     def __init__(self, model: VAE, kl_weight: float = 1.0, kernel: str | None = None):
@@ -106,22 +107,23 @@ class FastStep:
         return [m.view(batch, width) for m, width in zip(keep.split([batch * w for w in self.widths]), self.widths)]
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward and backward on the batch `x` (n, 784); returns the batch's summed
-        (negative ELBO, reconstruction, KL) in nats, detached, for the epoch's statistics: the true ELBO's
-        parts whatever `kl_weight` is."""
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward and backward on the batch `x` (n, 784), with its digit `labels` (n,) for a conditional VAE;
+        returns the batch's summed (negative ELBO, reconstruction, KL) in nats, detached, for the epoch's
+        statistics: the true ELBO's parts whatever `kl_weight` is."""
+        config = self.model.config
         masks = self._masks(len(x))
         encoder_mean, encoder_log_var = self.model.encoder.mean, self.model.encoder.log_var
         scale = 1.0 / (len(x) * SEED_LOSS_SCALE)  # d(loss)/d(per-image reconstruction)
 
-        h = self.blocks[1].forward(self.blocks[0].forward(x, masks[0]), masks[1])
+        h = self.blocks[1].forward(self.blocks[0].forward(with_label(x, labels, config), masks[0]), masks[1])
         # the heads' products are tiny: torch.mm, whose fixed cost per call is half oneDNN's
         mean = linear(h, encoder_mean.weight, encoder_mean.bias)
         log_var = linear(h, encoder_log_var.weight, encoder_log_var.bias)
         std = torch.exp(0.5 * log_var)
         eps = torch.randn_like(mean)
         z = torch.addcmul(mean, std, eps)
-        d = self.blocks[3].forward(self.blocks[2].forward(z, masks[2]), masks[3])
+        d = self.blocks[3].forward(self.blocks[2].forward(with_label(z, labels, config), masks[2]), masks[3])
         logits = linear(d, self.output.weight, self.output.bias, kernel=self.kernel)
 
         variance = std.square()
@@ -129,7 +131,8 @@ class FastStep:
         grad_logits = torch.sigmoid(logits).sub_(x).mul_(scale)
         reconstruction = reconstruction_nll_(logits, x).sum()  # overwrites the logits
         grad_d = _linear_backward(self.output, d, grad_logits, True, self.kernel)
-        grad_z = self.blocks[2].backward(self.blocks[3].backward(grad_d))
+        # the decoder's input is z and, for a conditional VAE, the label's columns, which take no gradient
+        grad_z = self.blocks[2].backward(self.blocks[3].backward(grad_d))[:, : config.latent_dim]
         kl_scale = scale * self.kl_weight  # d(loss)/d(per-image KL)
         grad_mean = torch.add(grad_z, mean, alpha=kl_scale)
         grad_log_var = (grad_z * eps * std).add_(variance - 1, alpha=kl_scale).mul_(0.5)

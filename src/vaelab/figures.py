@@ -1,4 +1,5 @@
-"""The seed's pictures: reconstructions, the manifold, the latent scatter, their animations, the curves."""
+"""The seed's pictures: reconstructions, the manifold, the latent scatter, their animations, the curves; and a
+conditional VAE's: the manifold under each label, its animation, the style transfer."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -10,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import colormaps, font_manager  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 LATENT_LIMIT = 5  # the seed's fixed scatter axes, -5..5
@@ -22,6 +24,13 @@ SCATTER_GIF_DPI = 60  # the seed's GIF resolution: the 10-inch scatter figure as
 MANIFOLD_GIF_GREYS = 15
 TITLE_PX = 18  # the manifold title's font size in pixels; a title wider than the grid is set smaller
 TITLE_BAND_PX = 30  # the white band above the manifold that holds its title
+# A conditional VAE's manifold per digit: ten panels, PANELS_PER_ROW to a row, each under a caption band reading
+# "digit d", with a white gap between panels (across and down) and the title band above them all.
+PANELS_PER_ROW = 5
+PANEL_GAP_PX = 10
+CAPTION_PX = 14  # the caption's font size in pixels
+CAPTION_BAND_PX = 20
+STYLE_GAP = 14  # the white gap (in image pixels, half a digit) between the test images and the decoded columns
 
 
 def _save(fig, path: Path) -> Path:
@@ -61,30 +70,113 @@ def _title_font(title: str, width: int) -> ImageFont.FreeTypeFont:
     return _font(min(TITLE_PX, fitting_px))
 
 
+def _titled_frame(width: int, height: int, title: str) -> Image.Image:
+    """A white greyscale frame, `height` pixels under the band that holds the title."""
+    frame = Image.new("L", (width, TITLE_BAND_PX + height), 255)
+    ImageDraw.Draw(frame).text((width / 2, TITLE_BAND_PX / 2), title, fill=0, anchor="mm",
+                               font=_title_font(title, width))
+    return frame
+
+
 def _manifold_frame(image: np.ndarray, title: str) -> Image.Image:
     """The uint8 grid pixel for pixel (no resampling, so every digit stays crisp) under a band with its title."""
     grid = Image.fromarray(image)
-    frame = Image.new("L", (grid.width, TITLE_BAND_PX + grid.height), 255)
+    frame = _titled_frame(grid.width, grid.height, title)
     frame.paste(grid, (0, TITLE_BAND_PX))
-    ImageDraw.Draw(frame).text((grid.width / 2, TITLE_BAND_PX / 2), title, fill=0, anchor="mm",
-                               font=_title_font(title, grid.width))
     return frame
+
+
+def _latent_note(latent_dim: int) -> str:
+    """What a manifold of more than two latent dimensions shows: the first two, the others at zero."""
+    return "" if latent_dim <= 2 else f" (z[0], z[1]; the other {latent_dim - 2} dims at 0)"
 
 
 def manifold(image: np.ndarray, epoch: int, latent_dim: int, path: Path) -> Path:
     """The decoded 15x15 grid (uint8 image) over the first two latent dimensions, the others at zero."""
-    note = "" if latent_dim <= 2 else f" (z[0], z[1]; the other {latent_dim - 2} dims at 0)"
-    _manifold_frame(image, f"Epoch: {epoch}{note}").save(path)
+    _manifold_frame(image, f"Epoch: {epoch}{_latent_note(latent_dim)}").save(path)
     return path
 
 
-def manifold_animation(images: np.ndarray, epochs: list[int], path: Path) -> Path:
-    """One frame per snapshot, with its greys rounded to MANIFOLD_GIF_GREYS levels: the 256 levels of a decoded
-    grid defeat the GIF's compression (about 130 kB a frame against 30 kB)."""
+def _gif_greys(frame: Image.Image) -> Image.Image:
+    """The frame with its greys rounded to MANIFOLD_GIF_GREYS levels: the 256 levels of a decoded grid defeat the
+    GIF's compression (about 130 kB a frame against 30 kB)."""
     step = 255 / (MANIFOLD_GIF_GREYS - 1)
-    rounded_grey = [round(round(value / step) * step) for value in range(256)]
-    frames = [_manifold_frame(image, f"Epoch: {epoch}").point(rounded_grey) for image, epoch in zip(images, epochs)]
+    return frame.point([round(round(value / step) * step) for value in range(256)])
+
+
+def manifold_animation(images: np.ndarray, epochs: list[int], path: Path) -> Path:
+    """One frame per snapshot, its greys rounded to MANIFOLD_GIF_GREYS levels."""
+    frames = [_gif_greys(_manifold_frame(image, f"Epoch: {epoch}")) for image, epoch in zip(images, epochs)]
     return _save_gif(frames, FRAME_MS["manifold"], path)
+
+
+def _panel_origin(digit: int, height: int, width: int) -> tuple[int, int]:
+    """The (left, top) pixel of digit `digit`'s panel in the per-digit frame: row digit // PANELS_PER_ROW,
+    column digit % PANELS_PER_ROW, each panel under its caption band, all under the title band."""
+    row, column = divmod(digit, PANELS_PER_ROW)
+    top = TITLE_BAND_PX + row * (CAPTION_BAND_PX + height + PANEL_GAP_PX) + CAPTION_BAND_PX
+    return column * (width + PANEL_GAP_PX), top
+
+
+def _per_digit_frame(images: np.ndarray, title: str) -> Image.Image:
+    """The (10, h, w) uint8 panels pixel for pixel (as _manifold_frame), each under its caption "digit d", in
+    rows of PANELS_PER_ROW under a band with the title."""
+    count, height, width = images.shape
+    rows = -(-count // PANELS_PER_ROW)
+    frame = _titled_frame(PANELS_PER_ROW * (width + PANEL_GAP_PX) - PANEL_GAP_PX,
+                          rows * (CAPTION_BAND_PX + height + PANEL_GAP_PX) - PANEL_GAP_PX, title)
+    draw = ImageDraw.Draw(frame)
+    for digit, panel in enumerate(images):
+        left, top = _panel_origin(digit, height, width)
+        frame.paste(Image.fromarray(panel), (left, top))
+        draw.text((left + width / 2, top - CAPTION_BAND_PX / 2), f"digit {digit}", fill=0, anchor="mm",
+                  font=_font(CAPTION_PX))
+    return frame
+
+
+def manifold_per_digit(images: np.ndarray, epoch: int, latent_dim: int, path: Path) -> Path:
+    """A conditional VAE's manifold: the same z grid decoded under each label, images uint8 (10, H, W) with
+    panel d decoded under label d."""
+    title = f"Epoch: {epoch}{_latent_note(latent_dim)} — the same z grid under each label"
+    _per_digit_frame(images, title).save(path)
+    return path
+
+
+def manifold_per_digit_animation(frames: np.ndarray, epochs: list[int], path: Path) -> Path:
+    """One frame per snapshot (frames uint8 (F, 10, h, w)), its greys rounded to MANIFOLD_GIF_GREYS levels."""
+    images = [_gif_greys(_per_digit_frame(panels, f"Epoch: {epoch}")) for panels, epoch in zip(frames, epochs)]
+    return _save_gif(images, FRAME_MS["manifold"], path)
+
+
+def _style_transfer_figure(originals: np.ndarray, decoded: np.ndarray) -> Figure:
+    """One image: the test digits (float (10, 28, 28) in [0, 1], row i digit i) as a left column, a white gap of
+    STYLE_GAP pixels, then decoded[i, d] (float (10, 10, 28, 28)) at row i, column d. Each column is labelled at
+    the top ("test image", then the label d), each row on the left with its test digit."""
+    rows, columns, side = len(originals), decoded.shape[1], originals.shape[-1]
+    left = np.concatenate(list(originals), axis=0)
+    right = decoded.transpose(0, 2, 1, 3).reshape(rows * side, columns * side)
+    image = np.concatenate([left, np.ones((rows * side, STYLE_GAP)), right], axis=1)
+    centre = (side - 1) / 2  # imshow puts pixel j's centre at x = j
+    fig, ax = plt.subplots(figsize=(1 + 0.75 * image.shape[1] / side, 1.5 + 0.75 * rows))
+    ax.imshow(image, cmap="Greys_r", vmin=0, vmax=1)
+    ax.set_xticks([centre] + [side + STYLE_GAP + side * d + centre for d in range(columns)],
+                  ["test image"] + [str(d) for d in range(columns)])
+    ax.set_yticks([side * i + centre for i in range(rows)], [str(i) for i in range(rows)])
+    ax.xaxis.tick_top()
+    ax.xaxis.set_label_position("top")
+    ax.set_xlabel("decoded under label", fontsize=12)
+    ax.xaxis.set_label_coords((side + STYLE_GAP + columns * side / 2) / image.shape[1], 1.06)  # over the labels
+    ax.set_ylabel("test digit", fontsize=12)
+    ax.tick_params(length=0, labelsize=12)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title("Style transfer: each test digit (left), its z decoded under each label", fontsize=13, pad=10)
+    return fig
+
+
+def style_transfer(originals: np.ndarray, decoded: np.ndarray, path: Path) -> Path:
+    """Each test digit's z (the mean of q(z|x, y)) decoded under every label: see _style_transfer_figure."""
+    return _save(_style_transfer_figure(originals, decoded), path)
 
 
 def projection(final_means: np.ndarray) -> tuple[np.ndarray, str]:

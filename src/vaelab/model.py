@@ -1,7 +1,12 @@
-"""The seed's VAE (Keras 2 tutorial, part 3) in PyTorch, and its objective.
+"""The seed's VAE (Keras 2 tutorial, part 3) in PyTorch, its conditional form, and their objective.
 
 Faithful to Keras 2's defaults where they differ from PyTorch's: Glorot-uniform weights and zero biases,
 BatchNorm with momentum 0.99 (PyTorch: 0.01) and epsilon 1e-3, LeakyReLU slope 0.3.
+
+The conditional VAE (`conditional=True`, the seed author's planned next step; Kingma et al. 2014's M2 with every
+label observed) is the same networks with the one-hot digit label concatenated to x at the encoder's input and to
+z at the decoder's: q(z|x, y), p(x|z, y), prior N(0, I). Every function that takes `labels` (int64 digits, (n,))
+needs them for a conditional model and refuses them for the seed's.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from vaelab.config import ParamsError
 
 IMAGE_PIXELS = 28 * 28
 SEED_LOSS_SCALE = 2 * IMAGE_PIXELS  # the seed divides the per-image negative ELBO by 2 * 28 * 28
+DIGITS = 10  # the labels of a conditional VAE
+MANIFOLD_SIZE = 15  # the seed's manifold: a 15 x 15 grid of decoded digits
 KERAS_BN = dict(eps=1e-3, momentum=0.01)
 KERAS_LEAKY_SLOPE = 0.3
 
@@ -23,6 +30,35 @@ KERAS_LEAKY_SLOPE = 0.3
 class ModelConfig:
     latent_dim: int = 2
     dropout: float = 0.3
+    conditional: bool = False
+
+    @property
+    def label_width(self) -> int:
+        """The one-hot label's columns beside x and beside z: 10 for a conditional VAE, none for the seed's."""
+        return DIGITS if self.conditional else 0
+
+    @property
+    def kind(self) -> str:
+        return "conditional" if self.conditional else "unconditional"
+
+
+class LabelMismatch(ValueError):
+    """Labels given to the seed's VAE, or none to a conditional one."""
+
+
+def one_hot(labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Digits (n,) as one-hot rows (n, 10), by a scatter: unlike F.one_hot it reads no value back to the host,
+    so a CUDA graph can record it."""
+    return torch.zeros(len(labels), DIGITS, dtype=dtype, device=labels.device).scatter_(1, labels.unsqueeze(1), 1.0)
+
+
+def with_label(inputs: torch.Tensor, labels: torch.Tensor | None, config: ModelConfig) -> torch.Tensor:
+    """`inputs` (n, features) with the one-hot labels beside them for a conditional VAE; as they are for the
+    seed's. A missing or unexpected `labels` is a LabelMismatch naming the kind of model."""
+    if (labels is not None) != config.conditional:
+        wanted = "needs the digit labels" if config.conditional else "takes no labels (it is unconditional)"
+        raise LabelMismatch(f"this VAE {wanted}")
+    return inputs if labels is None else torch.cat([inputs, one_hot(labels, inputs.dtype)], dim=1)
 
 
 def _dense(n_in: int, n_out: int) -> nn.Linear:
@@ -37,36 +73,38 @@ def _bn_dropout(width: int, dropout: float) -> list[nn.Module]:
 
 
 class Encoder(nn.Module):
-    """784 -> 256 ReLU -> BN -> Dropout -> 128 ReLU -> BN -> Dropout -> (mean, log-variance)."""
+    """784 (+ 10 label) -> 256 ReLU -> BN -> Dropout -> 128 ReLU -> BN -> Dropout -> (mean, log-variance)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.config = config
         self.body = nn.Sequential(
-            _dense(IMAGE_PIXELS, 256), nn.ReLU(), *_bn_dropout(256, config.dropout),
+            _dense(IMAGE_PIXELS + config.label_width, 256), nn.ReLU(), *_bn_dropout(256, config.dropout),
             _dense(256, 128), nn.ReLU(), *_bn_dropout(128, config.dropout),
         )
         self.mean = _dense(128, config.latent_dim)
         self.log_var = _dense(128, config.latent_dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(x)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(with_label(x, labels, self.config))
         return self.mean(h), self.log_var(h)
 
 
 class Decoder(nn.Module):
-    """latent -> 128 LeakyReLU -> BN -> Dropout -> 256 LeakyReLU -> BN -> Dropout -> 784 logits."""
+    """latent (+ 10 label) -> 128 LeakyReLU -> BN -> Dropout -> 256 LeakyReLU -> BN -> Dropout -> 784 logits."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.config = config
         self.net = nn.Sequential(
-            _dense(config.latent_dim, 128), nn.LeakyReLU(KERAS_LEAKY_SLOPE), *_bn_dropout(128, config.dropout),
+            _dense(config.latent_dim + config.label_width, 128), nn.LeakyReLU(KERAS_LEAKY_SLOPE), *_bn_dropout(128, config.dropout),
             _dense(128, 256), nn.LeakyReLU(KERAS_LEAKY_SLOPE), *_bn_dropout(256, config.dropout),
             _dense(256, IMAGE_PIXELS),
         )
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Bernoulli logits per pixel; `torch.sigmoid` of them is the seed's sigmoid output."""
-        return self.net(z)
+        return self.net(with_label(z, labels, self.config))
 
 
 MATMUL_KERNELS = ("mm", "onednn")
@@ -113,12 +151,13 @@ class FoldedDecoder:
             shift = norm.bias - norm.running_mean * scale
             self.layers.append((layer.weight * scale, torch.addmv(layer.bias, layer.weight, shift)))
         self.kernel = matmul_kernel(net[0].weight.device)
+        self.config = decoder.config
 
     @torch.no_grad()
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Bernoulli logits (n, 784) of the latents z (n, latent_dim), as `Decoder.forward` in eval mode."""
         first, second, output = self.layers
-        h = linear(z, *first, "leaky_relu", self.kernel)
+        h = linear(with_label(z, labels, self.config), *first, "leaky_relu", self.kernel)
         return linear(linear(h, *second, "leaky_relu", self.kernel), *output, kernel=self.kernel)
 
 
@@ -129,16 +168,21 @@ class VAE(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (n, 784) in [0, 1] -> (decoder logits, mean, log-variance), one z sample per image."""
-        mean, log_var = self.encoder(x)
+        mean, log_var = self.encoder(x, labels)
         z = reparameterize(mean, log_var)
-        return self.decoder(z), mean, log_var
+        return self.decoder(z, labels), mean, log_var
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Latent vectors (n, latent_dim) -> pixel intensities (n, 28, 28) in [0, 1]."""
-        return torch.sigmoid(self.decoder(z)).reshape(-1, 28, 28)
+        return torch.sigmoid(self.decoder(z, labels)).reshape(-1, 28, 28)
+
+    def labels_of(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """What this model takes of a data set's `labels`: all of them if it is conditional, none otherwise."""
+        return labels if self.config.conditional else None
 
 
 def reparameterize(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
@@ -157,9 +201,12 @@ def kl_to_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def encode_in_batches(model: VAE, images: torch.Tensor, batch_size: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, log-variance) of q(z|x) for float images (n, 784), a batch at a time; eval mode by the caller."""
-    parts = [model.encoder(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+def encode_in_batches(model: VAE, images: torch.Tensor, labels: torch.Tensor | None = None,
+                      batch_size: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, log-variance) of q(z|x) (or q(z|x, y) with `labels`) for float images (n, 784), a batch at a time;
+    eval mode by the caller."""
+    parts = [model.encoder(images[i : i + batch_size], None if labels is None else labels[i : i + batch_size])
+             for i in range(0, len(images), batch_size)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -212,12 +259,12 @@ def training_objective(reconstruction: torch.Tensor, kl: torch.Tensor, kl_weight
     return reconstruction + kl_weight * kl
 
 
-def manifold_grid(size: int = 15) -> torch.Tensor:
+def manifold_grid(size: int = MANIFOLD_SIZE) -> torch.Tensor:
     """The seed's grid: norm.ppf(linspace(0.05, 0.95, size)) on each axis."""
     return torch.special.ndtri(torch.linspace(0.05, 0.95, size, dtype=torch.float64)).float()
 
 
-def manifold_latents(latent_dim: int, size: int = 15) -> torch.Tensor:
+def manifold_latents(latent_dim: int, size: int = MANIFOLD_SIZE) -> torch.Tensor:
     """(size*size, latent_dim) latents: row i varies the second dimension, column j the first; others 0."""
     grid = manifold_grid(size)
     z = torch.zeros(size * size, latent_dim)
@@ -225,6 +272,25 @@ def manifold_latents(latent_dim: int, size: int = 15) -> torch.Tensor:
     if latent_dim > 1:
         z[:, 1] = grid.repeat_interleave(size)
     return z
+
+
+def manifold_image(model: VAE, size: int = MANIFOLD_SIZE, label: int | None = None) -> torch.Tensor:
+    """The decoded size x size grid (under the digit `label`, for a conditional VAE) as one uint8 image, tiles
+    placed as the seed's draw_manifold does."""
+    device = next(model.parameters()).device
+    z = manifold_latents(model.config.latent_dim, size).to(device)
+    labels = None if label is None else torch.full((len(z),), label, device=device)
+    digits = model.decode(z, labels)
+    tiles = digits.reshape(size, size, 28, 28).permute(0, 2, 1, 3).reshape(size * 28, size * 28)
+    return (tiles * 255).round().to(torch.uint8).cpu()
+
+
+def manifold_images(model: VAE, size: int = MANIFOLD_SIZE) -> torch.Tensor:
+    """The seed's manifold (size*28, size*28), or for a conditional VAE the same z grid decoded under each
+    digit (10, size*28, size*28); uint8."""
+    if not model.config.conditional:
+        return manifold_image(model, size)
+    return torch.stack([manifold_image(model, size, digit) for digit in range(DIGITS)])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -237,14 +303,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def save_vae(model: VAE, path) -> None:
-    """Weights and their config in one file that `torch.load(..., weights_only=True)` reads."""
+    """Weights and their config in one file that `torch.load(..., weights_only=True)` reads. The seed's VAE
+    keeps the file of earlier versions (no `conditional` key), so its bytes, and DVC's hash, stay the same."""
     config = {"latent_dim": model.config.latent_dim, "dropout": model.config.dropout}
+    if model.config.conditional:
+        config["conditional"] = True
     torch.save({"config": config, "state_dict": model.state_dict()}, path)
 
 
-def load_vae(path) -> VAE:
-    """A saved VAE in eval mode, loaded weights-only (no pickled code runs)."""
+def load_vae(path, conditional: bool | None = None) -> VAE:
+    """A saved VAE in eval mode, loaded weights-only (no pickled code runs). With `conditional`, a model of the
+    other kind is a LabelMismatch that names the file and both kinds."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model = VAE(ModelConfig(**saved["config"]))
+    if conditional is not None and conditional != model.config.conditional:
+        raise LabelMismatch(f"{path} holds a VAE that is {model.config.kind}, but params.yaml has conditional: "
+                            f"{str(conditional).lower()}; run the train stage again (dvc repro) to train that one")
     model.load_state_dict(saved["state_dict"])
     return model.eval()

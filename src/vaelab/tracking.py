@@ -33,7 +33,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 import vaelab
 from vaelab.config import Params
 from vaelab.data import md5
-from vaelab.model import load_vae
+from vaelab.model import DIGITS, LabelMismatch, ModelConfig, load_vae
 from vaelab.stages import StageError, project_root
 
 T = TypeVar("T")
@@ -434,8 +434,8 @@ class TrainingRun:
         with self._lock:
             self._rows = [row for row in self._rows if row[0] > self._sent_through]
 
-    def end(self, status: str, model: tuple[Path, int] | None = None, patience: float | None = None) -> None:
-        """Deliver the waiting metrics and `model` (the weights file and its latent size), then mark the run
+    def end(self, status: str, model: tuple[Path, ModelConfig] | None = None, patience: float | None = None) -> None:
+        """Deliver the waiting metrics and `model` (the weights file and its config), then mark the run
         `status`. A tracker that stays away longer than `patience` seconds (VAELAB_TRACKING_PATIENCE_SECONDS,
         5 minutes by default) ends this with a one-line TrackerAway, and the run stays as it is."""
         patience = patience_seconds() if patience is None else patience
@@ -529,24 +529,37 @@ def add_to_run(run_id_file: Path, waiting: str, metrics: dict[str, float] | None
 
 
 class DecoderModel(mlflow.pyfunc.PythonModel):
-    """Latent vectors (n, latent_dim) in, decoded images (n, 28, 28) in [0, 1] out."""
+    """Latent vectors (n, latent_dim) in, decoded images (n, 28, 28) in [0, 1] out. A conditional VAE's takes
+    {"z": latent vectors (n, latent_dim), "label": digits (n,)} and draws each z as the digit beside it."""
 
     def load_context(self, context) -> None:
         self.vae = load_vae(context.artifacts["weights"])
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
-        z = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        return self.vae.decode(z).numpy()
+        """`model_input` is a dict of arrays for a conditional VAE; the hint np.ndarray (one MLflow infers no schema
+        from, so the logged signature holds) keeps MLflow from warning about a predict without type hints."""
+        conditional = self.vae.config.conditional
+        if isinstance(model_input, dict) != conditional:
+            raise LabelMismatch(
+                "this VAE is conditional: give {'z': latent vectors (n, latent_dim), 'label': digits (n,)}"
+                if conditional else "this VAE is unconditional: give the latent vectors (n, latent_dim) alone")
+        z = torch.as_tensor(np.asarray(model_input["z"] if conditional else model_input, dtype=np.float32))
+        labels = torch.as_tensor(np.asarray(model_input["label"], dtype=np.int64)) if conditional else None
+        if labels is not None and (labels.shape != (len(z),) or labels.min() < 0 or labels.max() >= DIGITS):
+            raise LabelMismatch(f"'label' must hold one digit from 0 to 9 per latent vector ({len(z)})")
+        return self.vae.decode(z, labels).numpy()
 
 
-def _log_model_once(client: MlflowClient, run_id: str, weights: Path, latent_dim: int) -> None:
+def _log_model_once(client: MlflowClient, run_id: str, weights: Path, config: ModelConfig) -> None:
     """Log the trained decoder as an MLflow pyfunc model that loads the weights-only checkpoint, unless an
     earlier try (one that lost its answer, or a stage run again) already did."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
+    z = TensorSpec(np.dtype(np.float32), (-1, config.latent_dim), "z" if config.conditional else None)
+    labels = [TensorSpec(np.dtype(np.int64), (-1,), "label")] if config.conditional else []
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim))]),
+        inputs=Schema([z, *labels]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
     )
     experiment_id = client.get_run(run_id).info.experiment_id

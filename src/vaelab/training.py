@@ -18,10 +18,12 @@ import torch
 
 from vaelab.config import Params
 from vaelab.backprop import FastStep
-from vaelab.model import (SEED_LOSS_SCALE, VAE, ModelConfig, encode_in_batches, manifold_latents, negative_elbo,
-                          resolve_device, training_objective)
+from vaelab.model import (MANIFOLD_SIZE, SEED_LOSS_SCALE, VAE, ModelConfig, encode_in_batches, manifold_images,
+                          negative_elbo, resolve_device, training_objective)
 
-MANIFOLD_SIZE = 15
+# A conditional VAE's snapshot holds ten manifolds, one per digit, on a 5 x 5 grid each: about the pixels of the
+# seed's one 15 x 15 manifold, so that the snapshots file and the animation stay the size they are.
+PER_DIGIT_MANIFOLD_SIZE = 5
 SNAPSHOT_IMAGES = 5000  # the first test images, whose latent means animate the scatter
 KERAS_EPSILON = 1e-7  # Keras 2's optimizer epsilon (PyTorch's default is 1e-8)
 
@@ -31,7 +33,7 @@ class Snapshots:
     """What the animations are drawn from, one entry per snapshot epoch."""
 
     epochs: list[int] = field(default_factory=list)
-    manifolds: list[torch.Tensor] = field(default_factory=list)  # uint8 (15*28, 15*28)
+    manifolds: list[torch.Tensor] = field(default_factory=list)  # uint8 (15*28, 15*28), per digit (10, 140, 140)
     latent_means: list[torch.Tensor] = field(default_factory=list)  # float32 (SNAPSHOT_IMAGES, latent_dim)
 
     def to_dict(self, labels: torch.Tensor) -> dict:
@@ -127,14 +129,14 @@ class TrainingStep:
     WARMUP = 2
 
     def __init__(self, model: VAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, binarize: str,
-                 mode: str = "eager"):
+                 mode: str = "eager", labels: torch.Tensor | None = None):
         if mode not in STEP_MODES:
             raise ValueError(f"step mode {mode!r}: expected one of {', '.join(STEP_MODES)}")
         self.hand_written = self.fast = FastStep(model)
         if mode == "compiled-graphs":
             # fallback_random: the same random numbers as the eager step, so both modes train alike
             self.fast = torch.compile(self.fast, dynamic=False, options={"fallback_random": True})
-        self.optimizer, self.images, self.binarize, self.mode = optimizer, images, binarize, mode
+        self.optimizer, self.images, self.labels, self.binarize, self.mode = optimizer, images, labels, binarize, mode
         self.stream = torch.cuda.Stream() if mode != "eager" else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.eager_steps: dict[int, int] = {}
@@ -157,7 +159,7 @@ class TrainingStep:
         x = self.images.index_select(0, index)
         if self.binarize == "dynamic":  # a fresh Bernoulli(pixel) draw of every batch
             x = (torch.rand_like(x) < x).to(x.dtype)
-        stats = self.fast(x)
+        stats = self.fast(x, None if self.labels is None else self.labels.index_select(0, index))
         self.optimizer.step()
         return stats
 
@@ -185,30 +187,26 @@ class TrainingStep:
         return stats
 
 
-def manifold_image(model: VAE, size: int = MANIFOLD_SIZE) -> torch.Tensor:
-    """The decoded size x size grid as one uint8 image, tiles placed as the seed's draw_manifold does."""
-    device = next(model.parameters()).device
-    digits = model.decode(manifold_latents(model.config.latent_dim, size).to(device))
-    tiles = digits.reshape(size, size, 28, 28).permute(0, 2, 1, 3).reshape(size * 28, size * 28)
-    return (tiles * 255).round().to(torch.uint8).cpu()
-
-
 @torch.no_grad()
-def evaluate_loss(model: VAE, images: torch.Tensor, batch_size: int) -> dict[str, float]:
-    """Mean negative ELBO, reconstruction and KL in nats per image, one z sample each (as Keras's val_loss)."""
+def evaluate_loss(model: VAE, images: torch.Tensor, batch_size: int,
+                  labels: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean negative ELBO, reconstruction and KL in nats per image, one z sample each (as Keras's val_loss);
+    `labels` for a conditional VAE."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, device=images.device)
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
-        totals += torch.stack([term.sum() for term in elbo_terms(model, x)])
+        y = None if labels is None else labels[start : start + batch_size]
+        totals += torch.stack([term.sum() for term in elbo_terms(model, x, y)])
     model.train(was_training)
     return _summary(totals / len(images))
 
 
-def elbo_terms(model: VAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def elbo_terms(model: VAE, x: torch.Tensor, labels: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(negative ELBO, reconstruction, KL) per image, with one reparameterised z sample."""
-    logits, mean, log_var = model(x)
+    logits, mean, log_var = model(x, labels)
     return negative_elbo(logits, x, mean, log_var)
 
 
@@ -262,8 +260,11 @@ def train(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     checkpointing: Checkpointing | None = None,
     step_mode: str | None = None,
+    labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train the seed's VAE on float images (n, 784); returns the model, per-epoch history and snapshots.
+    """Train the seed's VAE, or with `params.conditional` its conditional form, on float images (n, 784);
+    returns the model, per-epoch history and snapshots. `labels` are the digits (train, val, snapshot) of the
+    three sets of images: a conditional VAE takes them beside the images, the seed's ignores them.
 
     Each history row holds the epoch, its learning rate `lr` and `kl_weight`, and for `train_` and `val_`:
     the seed's scaled `loss` and the negative ELBO, reconstruction and KL terms in nats per image (the true
@@ -278,9 +279,13 @@ def train(
     if device.type == "cpu":
         reuse_freed_memory()
     seed_everything(params.seed)
-    model = VAE(ModelConfig(params.latent_dim, params.dropout)).to(device)
+    model = VAE(ModelConfig(params.latent_dim, params.dropout, params.conditional)).to(device)
     optimizer = make_optimizer(params.optimizer, model.parameters(), params.lr, capturable=device.type == "cuda")
     train_images, val_images, snapshot_images = (t.to(device) for t in (train_images, val_images, snapshot_images))
+    if params.conditional and labels is None:
+        raise ValueError("a conditional VAE trains on labelled images: pass the labels")
+    train_labels, val_labels, snapshot_labels = (
+        (None,) * 3 if not params.conditional else (t.to(device) for t in labels))
     shuffle = torch.Generator().manual_seed(params.seed)
     n = len(train_images)
     snapshot_at = set(snapshot_epochs(params.epochs))
@@ -291,7 +296,7 @@ def train(
         if on_epoch is not None:
             for row in history:
                 on_epoch(row)
-    step = TrainingStep(model, optimizer, train_images, params.binarize, step_mode)
+    step = TrainingStep(model, optimizer, train_images, params.binarize, step_mode, train_labels)
     last_save = time.monotonic()
 
     for epoch in range(done + 1, params.epochs + 1):
@@ -316,13 +321,14 @@ def train(
         row = {"epoch": epoch, **rates}
         row.update({f"train_{k}": v for k, v in _summary(totals / seen).items()})
         row["train_objective"] = training_objective(row["train_reconstruction"], row["train_kl"], rates["kl_weight"])
-        row.update({f"val_{k}": v for k, v in evaluate_loss(model, val_images, params.batch_size).items()})
+        row.update({f"val_{k}": v for k, v in evaluate_loss(model, val_images, params.batch_size, val_labels).items()})
         history.append(row)
         if epoch in snapshot_at:
             model.eval()
             snapshots.epochs.append(epoch)
-            snapshots.manifolds.append(manifold_image(model))
-            snapshots.latent_means.append(encode_in_batches(model, snapshot_images)[0].float().cpu())
+            size = PER_DIGIT_MANIFOLD_SIZE if params.conditional else MANIFOLD_SIZE
+            snapshots.manifolds.append(manifold_images(model, size))
+            snapshots.latent_means.append(encode_in_batches(model, snapshot_images, snapshot_labels)[0].float().cpu())
         if on_epoch is not None:
             on_epoch(row)
         due = time.monotonic() - last_save >= checkpointing.every_seconds if checkpointing else False
