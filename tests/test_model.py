@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
+from vaelab.config import ParamsError
 from vaelab.model import (
     KERAS_LEAKY_SLOPE, MATMUL_KERNELS, SEED_LOSS_SCALE, VAE, FoldedDecoder, LabelMismatch, ModelConfig,
     kl_to_standard_normal,
@@ -148,7 +149,7 @@ def test_a_model_refuses_labels_of_the_wrong_kind_in_one_line():
 def test_loading_a_model_of_the_other_kind_says_so_in_one_line(tmp_path, saved, expected):
     save_vae(VAE(ModelConfig(conditional=saved)), tmp_path / "vae.pt")
     kinds = {True: "conditional", False: "unconditional"}
-    with pytest.raises(LabelMismatch) as error:
+    with pytest.raises(ParamsError) as error:  # a stage's one-line error, exit 2
         load_vae(tmp_path / "vae.pt", conditional=expected)
     assert str(error.value) == (f"{tmp_path / 'vae.pt'} holds a VAE that is {kinds[saved]}, but params.yaml has "
                                 f"conditional: {str(expected).lower()}; run the train stage again (dvc repro) to "

@@ -282,6 +282,60 @@ def test_the_mlflow_ui_shows_the_runs_and_the_manifold_gif_in_a_real_browser(rep
 
 
 @pytest.fixture(scope="module")
+def conditional(repro):
+    """A conditional VAE as a user asks for one, after the project's other experiments."""
+    repro.run("dvc", "exp", "run", "-S", "conditional=true", "--name", "cvae")
+    return repro
+
+
+def test_a_conditional_experiment_bounds_log_p_x_over_the_labels_and_draws_each_digit(conditional):
+    metrics = json.loads((conditional / "reports" / "metrics.json").read_text())
+    assert set(metrics) == set(HEADLINE) | {"test_iwae_nll_given_label"}
+    assert metrics["test_iwae_nll"] <= metrics["test_iwae_nll_given_label"] + np.log(10)
+    assert metrics["test_elbo_gap"] == pytest.approx(metrics["test_neg_elbo"] - metrics["test_iwae_nll_given_label"])
+    report = (conditional / "reports" / "evaluation.md").read_text()
+    assert "Only `test_iwae_nll`" in report and "do not compare with an unconditional run's" in report
+    figures = conditional / "reports" / "figures"
+    assert {p.name for p in figures.iterdir()} == {
+        "reconstructions.png", "manifold_per_digit.png", "manifold.gif", "style_transfer.png", "latent_scatter.png",
+        "latent_scatter.gif", "learning_curves.png"}
+    with Image.open(figures / "manifold.gif") as image:
+        assert image.n_frames == SMALL["epochs"] and image.width > 5 * 140  # the ten panels, as it trains
+    plots = json.loads(conditional.run("dvc", "plots", "show", "--json"))
+    assert {"reports/figures/manifold_per_digit.png", "reports/figures/style_transfer.png"} <= set(plots["data"])
+    assert not plots.get("errors")
+
+    [run] = [r for r in _runs(conditional) if r.data.tags.get("dvc.exp_name") == "cvae"]
+    assert run.data.params["conditional"] == "True" and run.data.metrics["test_iwae_nll_given_label"] > 0
+    mlflow.set_tracking_uri(f"sqlite:///{conditional / 'mlflow.db'}")
+    decoder = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    drawn = decoder.predict({"z": np.zeros((3, 2), dtype=np.float32), "label": np.array([0, 5, 9])})
+    assert drawn.shape == (3, 28, 28) and not np.allclose(drawn[0], drawn[1])  # one z, the digit chosen
+    with pytest.raises(Exception, match="missing inputs"):
+        decoder.predict(np.zeros((2, 2), dtype=np.float32))  # latent vectors without labels
+
+
+def test_compare_groups_a_conditional_run_apart_from_the_unconditional_ones(conditional):
+    conditional.run("vaelab", "compare", "--no-log")
+    folder = conditional / "reports" / "compare"
+    groups = pd.read_csv(folder / "groups.csv")
+    assert sorted(groups["conditional"].astype(str)) == ["False"] * (len(groups) - 1) + ["True"]
+    differences = pd.read_csv(folder / "differences.csv")
+    against = differences[differences["parameter"] == "conditional"]
+    assert {"test_iwae_nll", "test_kl", "test_active_units", "test_latent_classifier_accuracy"} <= set(
+        against["metric"])
+    assert "test_iwae_nll_given_label" not in set(against["metric"])  # the unconditional runs have none
+
+
+def test_a_non_boolean_conditional_is_refused_before_any_work(conditional):
+    result = subprocess.run(["dvc", "exp", "run", "-S", "conditional=maybe"], cwd=conditional.root,
+                            env=conditional.env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output
+    assert "error: params.yaml: conditional: 'maybe' is not allowed; expected true or false" in output
+
+
+@pytest.fixture(scope="module")
 def sweep(module_tmp_path, mnist_dir):
     """A grid of latent sizes and seeds, queued in a fresh project (no MLflow experiment yet) and run on two
     workers of one CPU thread each, as the README advises for a 2-core machine."""

@@ -79,6 +79,8 @@ def _runs(root: Path):
         ({"batch_size": 70000}, "batch_size: 70000 is larger than the training set"),
         ({"epochs": 0}, "epochs: 0 is out of range"),
         ({"lr": -0.1}, "lr: -0.1 is out of range"),
+        ({"conditional": "yes"}, "conditional: 'yes' is not allowed; expected true or false"),
+        ({"conditional": 1}, "conditional: 1 is not allowed; expected true or false"),
     ],
 )
 def test_bad_parameters_stop_the_stage_before_anything_is_written(tmp_path, bad, message):

@@ -6,7 +6,8 @@
 The baseline is what a user would write: the same model, in-memory tensors, nn.Dropout, autograd and the
 default torch.optim.Adam. The project's epoch is timed as the train stage runs it: validation, snapshots
 and MLflow logging (to a throwaway SQLite store) included. Both are timed in alternating rounds and the
-medians reported, since a shared machine's speed drifts. Both run under the train stage's allocator setting
+medians reported, since a shared machine's speed drifts; each round also times the conditional VAE's epoch
+(`conditional_over_project`: its cost over the seed's). Both run under the train stage's allocator setting
 (`training.reuse_freed_memory`), so that the ratio does not credit the stage with it. Where MLflow is not
 installed (a bare GPU box with torch alone), the project's epochs are timed without logging and the report
 says so. Then the evaluate stage (K = --iwae-samples) and the render stage are timed once, and on a CPU the
@@ -16,6 +17,7 @@ each fp32 kernel.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -164,7 +166,8 @@ def _training_run(params: Params, store: Path):
     return tracking.TrainingRun(params)
 
 
-def project_epoch_seconds(params: Params, train_x, val_x, snapshot_x, store: Path, step_mode: str | None = None):
+def project_epoch_seconds(params: Params, train_x, val_x, snapshot_x, store: Path, step_mode: str | None = None,
+                          labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
     """Epoch times of `training.train` with the train stage's MLflow logging, the logging's share of the
     wall time (None without MLflow), the whole training's wall time, its page faults per epoch (a fault maps
     a fresh page of memory), and its result. Each epoch ends with the validation loss read back to the host,
@@ -180,7 +183,8 @@ def project_epoch_seconds(params: Params, train_x, val_x, snapshot_x, store: Pat
         logging[0] += time.perf_counter() - start
         stamps.append(time.perf_counter())
 
-    result = training.train(params, train_x, val_x, snapshot_x, on_epoch=on_epoch, step_mode=step_mode)
+    result = training.train(params, train_x, val_x, snapshot_x, on_epoch=on_epoch, step_mode=step_mode,
+                            labels=labels)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / params.epochs
     start = time.perf_counter()
     if run is not None:
@@ -268,8 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate_floor = evaluation_floor_seconds(params.latent_dim, len(test_x), args.iwae_samples) if on_cpu else None
     print(f"the importance-sampled bound's matrix products alone (K = {args.iwae_samples}), s: {evaluate_floor}")
 
+    labels = tuple(splits[name].labels for name in ("train", "val")) + (splits["test"].labels[snapshot],)
+    conditional_params = dataclasses.replace(params, conditional=True)
     baseline_x = train_x.to(device)  # the plain loop's data set, on the device once for every round
-    baseline, project, logging_share, faults = [], [], [], []
+    baseline, project, conditional, logging_share, faults = [], [], [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.rounds):
             baseline += baseline_epoch_seconds(params, baseline_x, args.baseline_epochs or args.epochs)
@@ -278,8 +284,11 @@ def main(argv: list[str] | None = None) -> dict:
             project += seconds
             faults.append(epoch_faults)
             logging_share.append(share)
+            conditional += project_epoch_seconds(conditional_params, train_x, val_x, test_x[snapshot],
+                                                 Path(scratch) / "mlflow.db", labels=labels)[0]
             print(f"round {round_ + 1}: baseline {statistics.median(baseline):.3f} s/epoch, "
-                  f"project {statistics.median(project):.3f} s/epoch")
+                  f"project {statistics.median(project):.3f} s/epoch, "
+                  f"conditional {statistics.median(conditional):.3f} s/epoch")
         evaluate, _ = evaluation_seconds(result.model, splits, device, args.iwae_samples)
         frames = len(training.snapshot_epochs(Params().epochs))
         try:
@@ -300,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline_s_per_epoch": round(base_s, 4),
         "project_s_per_epoch": round(proj_s, 4),
         "ratio": round(proj_s / base_s, 3),
+        "conditional_s_per_epoch": round(statistics.median(conditional), 4),
+        "conditional_over_project": round(statistics.median(conditional) / proj_s, 3),
         "project_images_per_s": round(len(train_x) / proj_s),
         "baseline_images_per_s": round(len(train_x) / base_s),
         "gflop_per_epoch": round(gflop, 1),

@@ -345,8 +345,8 @@ def learning_curves(bands: pd.DataFrame, summary: pd.DataFrame, path: Path, metr
 
 
 def manifolds(frame: pd.DataFrame, path: Path) -> Path:
-    """Each run's final manifold (its logged figures/manifold.png), side by side, the seeds of a setting next to
-    each other, titled by its seed and settings."""
+    """Each run's final manifold (its logged figures/manifold.png, a conditional run's manifold_per_digit.png),
+    side by side, the seeds of a setting next to each other, titled by its seed and settings."""
     runs = settings(frame).sort_values("group", kind="stable")
     varying = _varying(runs)
     columns = min(4, len(frame))
@@ -355,7 +355,8 @@ def manifolds(frame: pd.DataFrame, path: Path) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         for ax, (index, run) in zip(axes.flat, runs.iterrows()):
             run_id = frame.at[index, "run_id"]
-            image = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="figures/manifold.png",
+            name = "manifold_per_digit.png" if run.get("conditional") == "True" else "manifold.png"
+            image = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"figures/{name}",
                                                         dst_path=os.path.join(scratch, run_id))
             ax.imshow(Image.open(image))
             ax.set_title(f"{frame.at[index, 'run']}, seed {run[SEED]}\n{_label(run, varying)}", fontsize=9)

@@ -312,12 +312,12 @@ def save_vae(model: VAE, path) -> None:
 
 
 def load_vae(path, conditional: bool | None = None) -> VAE:
-    """A saved VAE in eval mode, loaded weights-only (no pickled code runs). With `conditional`, a model of the
-    other kind is a LabelMismatch that names the file and both kinds."""
+    """A saved VAE in eval mode, loaded weights-only (no pickled code runs). With `conditional` (params.yaml's), a
+    model of the other kind is a ParamsError that names the file and both kinds."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model = VAE(ModelConfig(**saved["config"]))
     if conditional is not None and conditional != model.config.conditional:
-        raise LabelMismatch(f"{path} holds a VAE that is {model.config.kind}, but params.yaml has conditional: "
-                            f"{str(conditional).lower()}; run the train stage again (dvc repro) to train that one")
+        raise ParamsError(f"{path} holds a VAE that is {model.config.kind}, but params.yaml has conditional: "
+                          f"{str(conditional).lower()}; run the train stage again (dvc repro) to train that one")
     model.load_state_dict(saved["state_dict"])
     return model.eval()

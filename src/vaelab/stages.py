@@ -14,7 +14,6 @@ from typing import Callable, Iterator
 
 from vaelab.config import ParamsError
 from vaelab.data import DataError
-from vaelab.model import LabelMismatch
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -34,7 +33,7 @@ def run_stage(main: Callable[[list[str]], None]) -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         main(sys.argv[1:])
-    except (ParamsError, DataError, StageError, LabelMismatch) as error:
+    except (ParamsError, DataError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt as interrupt:
