@@ -20,10 +20,11 @@ def main(argv):
     data_dir, model_dir, metrics_json, per_digit_csv, per_dimension_csv, evaluation_md = paths(
         argv, "DATA_DIR", "MODEL_DIR", "METRICS_JSON", "PER_DIGIT_CSV", "PER_DIMENSION_CSV", "EVALUATION_MD")
     check_writable(metrics_json, per_digit_csv, per_dimension_csv, evaluation_md)
-    tracking.check_reachable(patient=True)  # the run exists: a server away may be restarting
     device = resolve_device(params.device)
+    tracking.read_run_id(model_dir / "run.json", required=True)  # a damaged one stops the stage before any output
     model = load_vae(model_dir / "vae.pt", params.conditional).to(device)
     train, test = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
+    tracking.check_access(write=True, patient=True)  # the run exists: a server away may be restarting
     test_x = data.model_inputs(test.images, params.binarize, "test")
     train_x = data.model_inputs(train.images, "none" if params.binarize == "none" else "static", "train")
     test_x, test_labels, train_x, train_labels = (t.to(device) for t in (test_x, test.labels, train_x, train.labels))

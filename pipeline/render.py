@@ -9,7 +9,7 @@ import torch
 from vaelab import data, figures, metrics, tracking
 from vaelab.config import load
 from vaelab.model import DIGITS, load_vae, manifold_images
-from vaelab.stages import atomic_dir, check_writable, paths, read_history, run_stage
+from vaelab.stages import atomic_dir, check_writable, paths, read_history, read_snapshots, run_stage
 
 RECONSTRUCTED_DIGITS = 10
 
@@ -18,12 +18,14 @@ def main(argv):
     params = load()
     data_dir, model_dir, history_csv, figures_dir = paths(argv, "DATA_DIR", "MODEL_DIR", "HISTORY_CSV", "FIGURES_DIR")
     check_writable(figures_dir)
-    tracking.check_reachable(patient=True)  # the run exists: a server away may be restarting
+    tracking.read_run_id(model_dir / "run.json", required=True)  # a damaged one stops the stage before any output
     model = load_vae(model_dir / "vae.pt", params.conditional)
-    snapshots = torch.load(model_dir / "snapshots.pt", weights_only=True)
+    snapshots = read_snapshots(model_dir / "snapshots.pt")
+    history = read_history(history_csv)
+    test = data.load_split(data_dir, "test")
+    tracking.check_access(write=True, patient=True)  # the run exists: a server away may be restarting
     epochs = snapshots["epochs"].tolist()
     manifolds, means, labels = (snapshots[k].numpy() for k in ("manifolds", "latent_means", "labels"))
-    test = data.load_split(data_dir, "test")
     digits, digit_labels = data.to_float(test.images[:RECONSTRUCTED_DIGITS]), test.labels[:RECONSTRUCTED_DIGITS]
     latent_dim = model.config.latent_dim
 
@@ -44,7 +46,7 @@ def main(argv):
             figures.manifold_animation(manifolds, epochs, out / "manifold.gif")
         figures.latent_scatter(means[-1], labels, epochs[-1], out / "latent_scatter.png")
         figures.latent_scatter_animation(means, labels, epochs, out / "latent_scatter.gif")
-        figures.learning_curves(read_history(history_csv), out / "learning_curves.png")
+        figures.learning_curves(history, out / "learning_curves.png")
     print(f"{len(list(figures_dir.iterdir()))} figures ({len(epochs)} animation frames) -> {figures_dir}")
     tracking.add_to_run(model_dir / "run.json", "the figures", artifacts={figures_dir: "figures"})
 

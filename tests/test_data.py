@@ -1,6 +1,7 @@
 """MNIST fetching, verification, parsing and the validation split, on the real files."""
 import shutil
 import threading
+import zipfile
 from contextlib import contextmanager
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -96,3 +97,27 @@ def test_a_missing_file_is_named_in_one_line(tmp_path):
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith(f"MNIST file train-images-idx3-ubyte.gz could not be fetched from {tmp_path}: ")
+
+
+def _zip_of_another_kind(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "a zip archive that PyTorch did not write")
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda path: path.write_bytes(b""), "is empty"),
+    (lambda path: path.mkdir(), "is a folder, not a file"),
+    (lambda path: torch.save(torch.nn.Linear(2, 2), path), "holds pickled Python objects, not tensors alone"),
+    (_zip_of_another_kind, "is a zip archive that PyTorch did not write"),
+    (lambda path: data.save_split(data.Split(torch.zeros(3, 28, 28), torch.zeros(3, dtype=torch.int64)), path),
+     "holds no MNIST images (a float32 tensor (3, 28, 28))"),
+    (lambda path: data.save_split(data.Split(torch.zeros(3, 28, 28, dtype=torch.uint8), torch.arange(3) + 8), path),
+     "holds 3 images but not as many labels from 0 to 9"),
+])
+def test_a_split_that_is_not_one_prepare_writes_is_named_with_its_cure(tmp_path, make, problem):
+    make(tmp_path / "train.pt")
+    with pytest.raises(data.DamagedInput) as error:
+        data.load_split(tmp_path, "train")
+    path = tmp_path / "train.pt"
+    assert str(error.value).startswith(f"{path} {problem}")
+    assert str(error.value).endswith(f"; dvc checkout -f {path} restores it")

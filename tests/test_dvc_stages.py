@@ -4,7 +4,12 @@ editing code it does not run leaves it cached."""
 import ast
 from pathlib import Path
 
+import pytest
 import yaml
+
+from vaelab import data, tracking
+from vaelab.model import load_vae
+from vaelab.stages import read_history, read_snapshots
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "src" / "vaelab"
@@ -62,3 +67,34 @@ def test_the_closure_follows_imports_through_other_modules():
     # train.py imports training, which imports backprop: the training maths must re-run train
     assert "src/vaelab/backprop.py" in library_closure(ROOT / "pipeline" / "train.py")
     assert "src/vaelab/backprop.py" not in library_closure(ROOT / "pipeline" / "prepare.py")
+
+
+READERS = {  # each stage input the stages read, and how
+    "data/prepared/train.pt": lambda path: data.load_split(path.parent, "train"),
+    "models/vae.pt": load_vae,
+    "models/snapshots.pt": read_snapshots,
+    "models/run.json": lambda path: tracking.read_run_id(path, required=True),
+    "reports/history.csv": read_history,
+}
+
+
+def _written_by(path: str) -> tuple[str, bool]:
+    """The stage in dvc.yaml whose output is `path` or a folder above it, and whether DVC caches that output."""
+    for name, stage in _stages().items():
+        for out in stage.get("outs", []):
+            out_path, settings = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+            if path == out_path or path.startswith(out_path.rstrip("/") + "/"):
+                return name, settings.get("cache", True)
+    raise AssertionError(f"no stage in dvc.yaml writes {path}")
+
+
+@pytest.mark.parametrize("path", READERS)
+def test_a_missing_input_names_the_cure_that_dvc_yaml_allows(tmp_path, monkeypatch, path):
+    """`dvc checkout` restores only what DVC caches: an output with cache: false is made again by its stage."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(data.DamagedInput) as error:
+        READERS[path](Path(path))
+    stage, cached = _written_by(path)
+    assert str(error.value).startswith(f"{path} not found; ")
+    assert f"dvc repro {stage} makes it" in str(error.value)
+    assert (f"dvc checkout {path} restores it" in str(error.value)) == cached

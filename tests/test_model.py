@@ -6,6 +6,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from vaelab.config import ParamsError
+from vaelab.data import DamagedInput
 from vaelab.model import (
     KERAS_LEAKY_SLOPE, MATMUL_KERNELS, SEED_LOSS_SCALE, VAE, FoldedDecoder, LabelMismatch, ModelConfig,
     kl_to_standard_normal,
@@ -155,3 +156,19 @@ def test_loading_a_model_of_the_other_kind_says_so_in_one_line(tmp_path, saved, 
                                 f"conditional: {str(expected).lower()}; run the train stage again (dvc repro) to "
                                 "train that one")
     assert load_vae(tmp_path / "vae.pt", conditional=saved).config.conditional is saved
+
+
+def test_a_saved_model_whose_weights_or_config_do_not_fit_is_named_with_its_cure(tmp_path):
+    path = tmp_path / "vae.pt"
+    torch.save({"config": {"latent_dim": 3, "dropout": 0.3}, "state_dict": VAE(ModelConfig(latent_dim=2)).state_dict()},
+               path)
+    with pytest.raises(DamagedInput) as error:
+        load_vae(path)
+    assert str(error.value) == (f"{path} holds weights that do not fit its saved config (latent_dim 3, unconditional); "
+                                f"dvc checkout -f {path} restores it")
+    torch.save({"config": {"latent_dim": 2, "dropout": 0.3, "beta": 1.0}, "state_dict": {}}, path)
+    with pytest.raises(DamagedInput, match=r"vae.pt is not a saved vaelab model \(its config has beta\); dvc checkout"):
+        load_vae(path)
+    torch.save({"config": {"latent_dim": 0, "dropout": 0.3}, "state_dict": {}}, path)
+    with pytest.raises(DamagedInput, match=r"model \(its config is \{'latent_dim': 0, 'dropout': 0.3\}\); dvc"):
+        load_vae(path)

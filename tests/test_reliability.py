@@ -1,5 +1,6 @@
 """What happens when things go wrong, through the real stage scripts: bad input, an unreachable tracking
-server, divergence, Ctrl-C/SIGTERM and kill -9 with resume."""
+server, divergence, Ctrl-C/SIGTERM and kill -9 with resume, a damaged input file."""
+import hashlib
 import os
 import re
 import shutil
@@ -407,3 +408,104 @@ def test_evaluate_and_render_wait_for_a_server_away_and_then_name_what_waits(tmp
     assert "\n" not in message and message.startswith(f"the MLflow tracking server {url} did not answer for 2 s")
     assert "waiting to be sent: the test metrics and evaluation.md" in message and "run 0123abcd" in message
     assert "dvc repro" in message
+
+
+def _stage_command(stage: str) -> list[str]:
+    """The stage's command in dvc.yaml, run by this Python on this checkout's script."""
+    _, script, *args = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"].split()
+    return [sys.executable, str(REPO / script), *args]
+
+
+@pytest.fixture(scope="module")
+def trained_project(small_data, module_tmp_path) -> Path:
+    """A project laid out as dvc.yaml has it, in which train (one epoch), evaluate and render ran into the local
+    SQLite store; each test below damages one of its files in a copy."""
+    root = _project(module_tmp_path / "trained", epochs=1, iwae_samples=5)
+    shutil.copytree(small_data, root / "data" / "prepared")
+    for stage in ("train", "evaluate", "render"):
+        result = subprocess.run(_stage_command(stage), cwd=root, env=_env(), capture_output=True, text=True)
+        assert result.returncode == 0, f"{stage}:\n{result.stderr[-3000:]}"
+    return root
+
+
+def _files(root: Path) -> dict[str, object]:
+    """Every file under `root` with its bytes' digest and mtime, and every folder."""
+    return {str(path.relative_to(root)): "folder" if path.is_dir() else
+            (hashlib.md5(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns) for path in root.rglob("*")}
+
+
+def _mlflow_state(root: Path) -> list:
+    """Each run in the project's store: its status, end, metrics, parameters, tags and artifacts."""
+    client, runs = _runs(root)
+
+    def artifacts(run_id: str, folder: str | None = None) -> list:
+        return [entry for item in client.list_artifacts(run_id, folder)
+                for entry in (artifacts(run_id, item.path) if item.is_dir else [(item.path, item.file_size)])]
+
+    return [(run.info.run_id, run.info.status, run.info.end_time, run.data.metrics, run.data.params, run.data.tags,
+             artifacts(run.info.run_id)) for run in runs]
+
+
+HTML_PAGE = "<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>\n"
+
+
+def _damage(root: Path, path: str, how: str) -> None:
+    victim = root / path
+    if how == "truncated":
+        content = victim.read_bytes()
+        victim.write_bytes(content[: len(content) // 2])
+    elif how == "a changed byte":
+        content = bytearray(victim.read_bytes())
+        content[len(content) // 2] ^= 0xFF
+        victim.write_bytes(bytes(content))
+    elif how == "an HTML page":  # a download that went wrong
+        victim.write_text(HTML_PAGE)
+    elif how == "missing":
+        victim.unlink()
+    else:  # another file of the project, copied over it
+        shutil.copyfile(root / how, victim)
+
+
+def _cure(path: str, missing: bool) -> str:
+    if path == "reports/history.csv":  # dvc.yaml: cache: false, so that dvc checkout cannot restore it
+        return "dvc repro train makes it again"
+    if missing:
+        stage = "prepare" if path.startswith("data/prepared/") else "train"
+        return f"dvc checkout {path} restores it, dvc repro {stage} makes it"
+    return f"dvc checkout -f {path} restores it"  # -f: DVC keeps a changed file without it
+
+
+DAMAGES = [  # the file, what happened to it (or which file was copied over it), the stage that reads it, the problem
+    ("data/prepared/train.pt", "truncated", "train", "is a truncated PyTorch archive"),
+    ("data/prepared/val.pt", "an HTML page", "train", "is not a PyTorch archive"),
+    ("data/prepared/test.pt", "models/vae.pt", "evaluate", "holds no images/labels"),
+    ("data/prepared/test.pt", "a changed byte", "render", "is damaged (a checksum fails)"),
+    ("models/vae.pt", "truncated", "evaluate", "is a truncated PyTorch archive"),
+    ("models/vae.pt", "models/snapshots.pt", "render", "is not a saved vaelab model (no config/state_dict)"),
+    ("models/vae.pt", "missing", "evaluate", "not found"),
+    ("models/run.json", "truncated", "evaluate", "is not valid JSON (truncated or damaged)"),
+    ("models/run.json", "models/vae.pt", "render", "is not JSON (a binary file)"),
+    ("models/snapshots.pt", "truncated", "render", "is a truncated PyTorch archive"),
+    ("models/snapshots.pt", "data/prepared/val.pt", "render", "is not a snapshots file (no epochs, ...)"),
+    ("reports/history.csv", "truncated", "render", "is truncated (its last line is cut short)"),
+    ("reports/history.csv", "reports/per_digit.csv", "render", "is not a training history (no column epoch, ...)"),
+]
+
+
+@pytest.mark.parametrize("path, how, stage, problem", DAMAGES, ids=[f"{path}: {how}" for path, how, *_ in DAMAGES])
+def test_a_damaged_input_stops_its_stage_in_one_line_naming_the_file_and_the_cure_and_nothing_is_written(
+    tmp_path, trained_project, path, how, stage, problem
+):
+    """The stage exits 2 with one line: the file, what is wrong with it, and a cure that works for it (`dvc checkout`
+    for what DVC caches, the stage that makes it otherwise); no output, MLflow run or artifact is created or changed."""
+    root = tmp_path / "project"
+    shutil.copytree(trained_project, root)
+    _damage(root, path, how)
+    mlflow_before = _mlflow_state(root)
+    files_before = _files(root), _files(trained_project / "mlartifacts")  # where the run's artifacts are
+    result = subprocess.run(_stage_command(stage), cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.splitlines()[-1]
+    assert last == f"error: {path} {problem}; {_cure(path, how == 'missing')}"
+    assert (_files(root), _files(trained_project / "mlartifacts")) == files_before  # no output created or changed
+    assert _mlflow_state(root) == mlflow_before  # no new run, the run's metrics and artifacts as they were

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import sys
 import tempfile
 import textwrap
 import warnings
@@ -386,7 +387,7 @@ def write_report(frame: pd.DataFrame, points: pd.DataFrame, out: Path) -> tuple[
 def compare(experiment: str, tags: dict[str, str], out: Path, log: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read the runs from MLflow, write the report into `out` and (unless not `log`) log it; returns
     (summary, diffs)."""
-    tracking.check_reachable()
+    tracking.check_access(write=False, experiment=experiment)
     mlflow.set_tracking_uri(tracking.tracking_uri())
     runs = training_runs(experiment, tags)
     if runs.empty:
@@ -395,8 +396,10 @@ def compare(experiment: str, tags: dict[str, str], out: Path, log: bool = True) 
     frame = table(runs)
     summary, diffs = write_report(frame, histories(list(frame["run_id"])), out)
     manifolds(frame, out / "manifolds.png")
-    if log:
-        experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    if log and (refusal := tracking.write_refusal(experiment_id, experiment)):  # a reader: the report, no run
+        print(f"the comparison run was not logged: {refusal}", file=sys.stderr)
+    elif log:
         with tracking.store_lock(), mlflow.start_run(experiment_id=experiment_id, run_name="comparison",
                                                      tags={KIND_TAG: "comparison", **tags}):
             mlflow.log_artifacts(str(out), "compare")

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import shutil
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -18,7 +21,68 @@ SPLITS = ("train", "val", "test")
 
 
 class DataError(RuntimeError):
-    """A missing, corrupt or unreadable MNIST file; the message names it."""
+    """A missing, corrupt or unreadable data file (MNIST's, or a stage's input); the message names it."""
+
+
+NOT_FOUND = "not found"
+
+
+class DamagedInput(DataError):
+    """A stage's input file that is missing, truncated, damaged or of another kind, in one line: the file, what is
+    wrong with it, and the cure, which depends on the stage that writes the file and on whether DVC caches it
+    (dvc.yaml): `dvc checkout` restores only what DVC caches, and keeps a changed file unless forced (-f)."""
+
+    def __init__(self, path: Path | str, problem: str, stage: str, cached: bool = True):
+        if not cached:
+            cure = f"dvc repro {stage} makes it again"
+        elif problem == NOT_FOUND:
+            cure = f"dvc checkout {path} restores it, dvc repro {stage} makes it"
+        else:
+            cure = f"dvc checkout -f {path} restores it"
+        super().__init__(f"{path} {problem}; {cure}")
+        self.path, self.problem = Path(path), problem
+
+
+ZIP_START = b"PK\x03\x04"  # how every file torch.save writes begins: it is a zip archive
+
+
+def load_archive(path: Path | str, stage: str) -> object:
+    """What torch.save wrote to `path` (one of `stage`'s outputs), loaded weights-only (no pickled code runs) onto
+    the CPU. A missing, empty, truncated, damaged or foreign file is a DamagedInput. The archive's CRC-32 sums are
+    checked first: torch.load does not check them, and a changed byte would load as a changed pixel or weight."""
+    problem = _archive_problem(Path(path))
+    if problem is None:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # what weights_only refuses: objects other than tensors and plain containers
+            problem = "holds pickled Python objects, not tensors alone"
+        except (RuntimeError, EOFError, KeyError, IndexError, ValueError):  # PyTorch's reader of the archive's layout
+            problem = "is a zip archive that PyTorch did not write"
+    raise DamagedInput(path, problem, stage)
+
+
+def _archive_problem(path: Path) -> str | None:
+    """What keeps `path` from being a whole PyTorch archive, or None."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(len(ZIP_START))
+        if not zipfile.is_zipfile(path):  # no end record: a zip cut short, or no zip at all
+            if not start:
+                return "is empty"
+            if start == ZIP_START:
+                return "is a truncated PyTorch archive"  # its start, without the end record
+            return "is not a PyTorch archive"
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except FileNotFoundError:
+        return NOT_FOUND
+    except IsADirectoryError:
+        return "is a folder, not a file"
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    except (zipfile.BadZipFile, EOFError, zlib.error):  # its directory, or a member, cut or changed
+        return "is a damaged PyTorch archive"
+    return "is damaged (a checksum fails)" if damaged else None
 
 
 @dataclass(frozen=True)
@@ -118,8 +182,24 @@ def save_split(split: Split, path: Path) -> None:
 
 
 def load_split(data_dir: Path, name: str) -> Split:
-    saved = torch.load(Path(data_dir) / f"{name}.pt", weights_only=True)
+    """A split that `prepare` saved; a missing, damaged or foreign file is a DamagedInput that names it."""
+    path = Path(data_dir) / f"{name}.pt"
+    saved = load_archive(path, "prepare")
+    if problem := _split_problem(saved):
+        raise DamagedInput(path, problem, "prepare")
     return Split(saved["images"], saved["labels"])
+
+
+def _split_problem(saved: object) -> str | None:
+    """Why `saved` is not a split that `save_split` wrote (MNIST digits and their labels), or None."""
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), torch.Tensor) for k in ("images", "labels")):
+        return "holds no images/labels"
+    images, labels = saved["images"], saved["labels"]
+    if images.dtype != torch.uint8 or images.dim() != 3 or tuple(images.shape[1:]) != (28, 28) or not len(images):
+        return f"holds no MNIST images (a {str(images.dtype).removeprefix('torch.')} tensor {tuple(images.shape)})"
+    if labels.dtype != torch.int64 or tuple(labels.shape) != (len(images),) or labels.min() < 0 or labels.max() > 9:
+        return f"holds {len(images)} images but not as many labels from 0 to 9"
+    return None
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

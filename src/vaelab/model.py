@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaelab.config import ParamsError
+from vaelab.data import DamagedInput, load_archive
 
 IMAGE_PIXELS = 28 * 28
 SEED_LOSS_SCALE = 2 * IMAGE_PIXELS  # the seed divides the per-image negative ELBO by 2 * 28 * 28
@@ -312,12 +313,33 @@ def save_vae(model: VAE, path) -> None:
 
 
 def load_vae(path, conditional: bool | None = None) -> VAE:
-    """A saved VAE in eval mode, loaded weights-only (no pickled code runs). With `conditional` (params.yaml's), a
-    model of the other kind is a ParamsError that names the file and both kinds."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    model = VAE(ModelConfig(**saved["config"]))
+    """A saved VAE in eval mode, loaded weights-only (no pickled code runs). A missing, damaged or foreign file is a
+    DamagedInput that names it. With `conditional` (params.yaml's), a model of the other kind is a ParamsError that
+    names the file and both kinds."""
+    saved = load_archive(path, "train")
+    config = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(config, dict) or not isinstance(saved.get("state_dict"), dict):
+        raise DamagedInput(path, "is not a saved vaelab model (no config/state_dict)", "train")
+    if problem := _saved_config_problem(config):
+        raise DamagedInput(path, f"is not a saved vaelab model ({problem})", "train")
+    model = VAE(ModelConfig(**config))
     if conditional is not None and conditional != model.config.conditional:
         raise ParamsError(f"{path} holds a VAE that is {model.config.kind}, but params.yaml has conditional: "
                           f"{str(conditional).lower()}; run the train stage again (dvc repro) to train that one")
-    model.load_state_dict(saved["state_dict"])
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except RuntimeError:  # missing or unexpected keys, or tensors of other shapes
+        fitted = f"latent_dim {model.config.latent_dim}, {model.config.kind}"
+        raise DamagedInput(path, f"holds weights that do not fit its saved config ({fitted})", "train") from None
     return model.eval()
+
+
+def _saved_config_problem(config: dict) -> str | None:
+    """Why `config` is not one that `save_vae` writes (a latent_dim, a dropout, perhaps conditional), or None."""
+    if unknown := sorted(str(key) for key in config if key not in ("latent_dim", "dropout", "conditional")):
+        return f"its config has {', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}"
+    latent_dim, dropout, conditional = (config.get(k) for k in ("latent_dim", "dropout", "conditional"))
+    if not (type(latent_dim) is int and latent_dim >= 1 and type(dropout) in (int, float) and 0 <= dropout < 1
+            and type(conditional) in (type(None), bool)):
+        return f"its config is {config}"
+    return None

@@ -3,6 +3,7 @@ any work, and outputs that appear whole or not at all."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 import shutil
 import signal
@@ -12,8 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+import torch
+
 from vaelab.config import ParamsError
-from vaelab.data import DataError
+from vaelab.data import NOT_FOUND, DamagedInput, DataError, load_archive
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -105,7 +108,60 @@ def write_rows(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+HISTORY_COLUMNS = ("epoch", "train_neg_elbo", "val_neg_elbo", "train_reconstruction", "val_reconstruction",
+                   "train_kl", "val_kl")  # those the learning curves draw
+
+
 def read_history(path: Path) -> list[dict[str, float]]:
-    """The train stage's history CSV back as rows: the epoch an int, the rest floats."""
-    with open(path, newline="") as file:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(file)]
+    """The train stage's history CSV back as rows: the epoch an int, the rest floats. A missing, truncated or foreign
+    file is a DamagedInput that names it; DVC does not cache the file (dvc.yaml), so its cure is to train again."""
+
+    def damaged(problem: str) -> DamagedInput:
+        return DamagedInput(path, problem, "train", cached=False)
+
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise damaged(NOT_FOUND) from None
+    except IsADirectoryError:
+        raise damaged("is a folder, not a file") from None
+    except OSError as error:
+        raise damaged(f"cannot be read ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise damaged("is not a CSV text (a binary file)") from None
+    if not text.endswith("\n"):  # csv writes whole lines: a file cut anywhere else ends without one
+        raise damaged("is empty" if not text else "is truncated (its last line is cut short)")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if missing := [column for column in HISTORY_COLUMNS if column not in (reader.fieldnames or [])]:
+        raise damaged(f"is not a training history (no column {missing[0]}{', ...' if len(missing) > 1 else ''})")
+    rows = []
+    for row in reader:
+        if None in row or None in row.values():  # more fields than the header names, or fewer
+            fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+            header = len(reader.fieldnames)
+            raise damaged(f"is damaged (line {reader.line_num} has {fields} fields, its header {header})")
+        try:
+            rows.append({k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()})
+        except ValueError:
+            raise damaged(f"is damaged (line {reader.line_num} holds a value that is not a number)") from None
+    if not rows:
+        raise damaged("holds no epochs (only its header)")
+    return rows
+
+
+SNAPSHOT_KEYS = ("epochs", "manifolds", "latent_means", "labels")  # what train saves in snapshots.pt
+
+
+def read_snapshots(path: Path) -> dict[str, torch.Tensor]:
+    """The train stage's snapshots: the epochs, the manifold and the latent means at each, the means' labels. A
+    missing, damaged or foreign file is a DamagedInput that names it."""
+    saved = load_archive(path, "train")
+    tensors = saved if isinstance(saved, dict) else {}
+    if missing := [key for key in SNAPSHOT_KEYS if not isinstance(tensors.get(key), torch.Tensor)]:
+        raise DamagedInput(path, f"is not a snapshots file (no {missing[0]}{', ...' if len(missing) > 1 else ''})",
+                           "train")
+    epochs, manifolds, means, labels = (saved[k] for k in SNAPSHOT_KEYS)
+    if not (epochs.dim() == 1 and len(epochs) and manifolds.dim() in (3, 4) and means.dim() == 3 and labels.dim() == 1
+            and len(manifolds) == len(means) == len(epochs) and means.shape[1] == len(labels)):
+        raise DamagedInput(path, "holds snapshots whose parts do not match", "train")
+    return saved

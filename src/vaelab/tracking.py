@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import logging
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +35,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 import vaelab
 from vaelab.config import Params
-from vaelab.data import md5
+from vaelab.data import NOT_FOUND, DamagedInput, md5
 from vaelab.model import DIGITS, LabelMismatch, ModelConfig, load_vae
 from vaelab.stages import StageError, project_root
 
@@ -99,10 +102,12 @@ def store_lock() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def check_reachable(patient: bool = False) -> None:
-    """Fail within seconds, before any work, when an HTTP tracking server does not answer: most likely a
-    wrong address. `patient` stages (those after `train`, whose server answered before) wait for it as
-    `patiently` does, for a server that is restarting."""
+def check_access(write: bool, patient: bool = False, experiment: str | None = None) -> None:
+    """Fail within seconds, before any work, when an HTTP tracking server does not answer (most likely a wrong
+    address), refuses the user's name or password (401), or, with `write`, does not let the user write to the
+    experiment (an authenticating server: `mlflow server --app-name basic-auth`): one line each, never retried.
+    `patient` stages (those after `train`, whose server answered before) wait for an answer as `patiently`
+    does, for a server that is restarting."""
     patience_seconds()  # a bad value is named now, not when a stage ends
     uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
@@ -120,6 +125,77 @@ def check_reachable(patient: bool = False) -> None:
     except (OSError, ValueError) as error:
         raise StageError(f"the MLflow tracking server {redacted(uri)} does not answer ({error}); "
                          "start it or point MLFLOW_TRACKING_URI elsewhere") from None
+    experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME)
+    status, found = _server_get("/api/2.0/mlflow/experiments/get-by-name", experiment_name=experiment)
+    if status in (401, 403):
+        raise AccessRefused(_refusal(status, experiment, "read"))
+    if write and status == 200 and (refusal := write_refusal(found["experiment"]["experiment_id"], experiment)):
+        raise AccessRefused(refusal)
+
+
+class AccessRefused(StageError):
+    """The tracking server refused the user: a wrong name or password, or no permission. Waiting mends neither."""
+
+
+REFUSED = ("UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "PERMISSION_DENIED")  # MLflow's codes of a 401 and a 403
+WRITE_PERMISSIONS = ("EDIT", "MANAGE")  # MLflow's auth app: READ reads, EDIT logs runs, MANAGE also grants
+
+
+def _user() -> str | None:
+    return os.environ.get("MLFLOW_TRACKING_USERNAME")
+
+
+def _server_get(path: str, **query: str) -> tuple[int, dict]:
+    """GET `path` on the tracking server as the user MLflow's client would send (MLFLOW_TRACKING_USERNAME and
+    _PASSWORD, HTTP basic authentication): the status and the JSON answer ({} when there is none)."""
+    request = urllib.request.Request(f"{tracking_uri().rstrip('/')}{path}?{urllib.parse.urlencode(query)}")
+    if _user() is not None:
+        credentials = f"{_user()}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(credentials).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=REACHABLE_TIMEOUT_S) as answer:
+            return answer.status, json.loads(answer.read() or b"{}")
+    except urllib.error.HTTPError as refused:
+        return refused.code, {}
+    except (OSError, ValueError) as error:
+        raise StageError(f"the MLflow tracking server {redacted(tracking_uri())} does not answer ({error}); "
+                         "start it or point MLFLOW_TRACKING_URI elsewhere") from None
+
+
+def write_refusal(experiment_id: str, experiment: str) -> str | None:
+    """Why the user may not write to the experiment, in one line, or None if they may (or the server checks no
+    permissions: it has no auth app, whose permission route is then missing)."""
+    if not tracking_uri().startswith(("http://", "https://")):
+        return None
+    status, permission = _server_get("/api/3.0/mlflow/users/permissions/get", username=_user() or "",
+                                     resource_type="experiment", resource_id=experiment_id)
+    if status != 200 or permission.get("permission") in WRITE_PERMISSIONS:
+        return None
+    if _server_get("/api/2.0/mlflow/users/current")[1].get("user", {}).get("is_admin"):
+        return None
+    return _refusal(403, experiment, "write to", permission.get("permission", "none"))
+
+
+def _refusal(status: int, experiment: str, action: str, permission: str | None = None) -> str:
+    """The one line for a refused request: who was refused by which server, and why."""
+    server = f"the MLflow tracking server {redacted(tracking_uri())}"
+    if status == 401:
+        if _user() is None:
+            return f"{server} asks for a user name and password: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        return (f"{server} refused user {_user()!r}: the user name or password is wrong "
+                "(MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD)")
+    wanted = "EDIT" if action == "write to" else "READ"
+    held = f" (it holds {permission})" if permission else ""
+    return (f"user {_user()!r} may not {action} experiment {experiment!r} on {server}{held}; ask the server's admin "
+            f"for {wanted} permission on it")
+
+
+def refusal_of(error: BaseException) -> AccessRefused | None:
+    """A refused MLflow request (401, 403) as the one-line AccessRefused, else None."""
+    if isinstance(error, MlflowException) and error.error_code in REFUSED:
+        status = 403 if error.error_code == "PERMISSION_DENIED" else 401
+        return AccessRefused(_refusal(status, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME), "write to"))
+    return None
 
 
 class TrackerAway(StageError):
@@ -183,6 +259,8 @@ def patiently(attempt: Callable[[], T], waiting: str, run_id: str | None, patien
         try:
             return attempt()
         except Exception as error:  # noqa: BLE001  (anything not transient is raised as it is)
+            if refused := refusal_of(error):
+                raise refused from None
             if not _transient(error):
                 raise
             if time.monotonic() + delay > deadline:
@@ -404,7 +482,7 @@ class TrainingRun:
             self._send(client)
         except Exception as error:  # noqa: BLE001  (kept for the main thread, which reports it)
             if not _transient(error):
-                self._failure = error
+                self._failure = refusal_of(error) or error
                 return 0.0
             self._away, self._synced = error, False
             return min(max(2 * delay, 1.0), self.MAX_RETRY_SECONDS)
@@ -493,26 +571,46 @@ def write_run_id(path: Path, run_id: str) -> None:
     path.write_text(json.dumps({"run_id": run_id}) + "\n")
 
 
-def read_run_id(path: Path) -> str | None:
+def read_run_id(path: Path, required: bool = False) -> str | None:
+    """The MLflow run id that `write_run_id` recorded in `path`. If the file is missing or is not such a record:
+    None (train's checkpoint: a new run starts), or with `required` a DamagedInput that names the file and the cure
+    (models/run.json, read by evaluate and render)."""
     try:
-        return json.loads(Path(path).read_text())["run_id"]
-    except (OSError, ValueError, KeyError):
-        return None
+        saved = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        problem = NOT_FOUND
+    except IsADirectoryError:
+        problem = "is a folder, not a file"
+    except OSError as error:
+        problem = f"cannot be read ({error.strerror})"
+    except UnicodeDecodeError:
+        problem = "is not JSON (a binary file)"
+    except ValueError:  # json.JSONDecodeError
+        problem = "is not valid JSON (truncated or damaged)"
+    else:
+        run_id = saved.get("run_id") if isinstance(saved, dict) else None
+        if isinstance(run_id, str) and run_id.isprintable() and run_id.strip():
+            return run_id
+        problem = "is JSON without a run_id"
+    if required:
+        raise DamagedInput(path, problem, "train")
+    return None
 
 
 def add_to_run(run_id_file: Path, waiting: str, metrics: dict[str, float] | None = None,
                artifacts: dict[Path, str | None] | None = None) -> None:
     """Log a later stage's metrics (at step 0) and files or folders (to their artifact paths) into the run
     recorded by `train`, waiting for a tracker that is away as `TrainingRun.end` does. A retry resends the
-    same metrics, with the same timestamps, which the store keeps once."""
-    run_id = read_run_id(run_id_file)
+    same metrics, with the same timestamps, which the store keeps once. A missing or damaged `run_id_file` is a
+    DamagedInput: the stages check it before their work with `read_run_id(..., required=True)`."""
+    run_id = read_run_id(run_id_file, required=True)
     client = _client()
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
 
     def log() -> None:
         try:
-            client.get_run(run_id or "")
+            client.get_run(run_id)
         except MlflowException as error:
             if _transient(error):
                 raise
