@@ -257,8 +257,8 @@ def evaluation_report(results: dict[str, float], binarize: str, samples: int) ->
         *([f"| -log p(x\\|y), importance-sampled | {results['test_iwae_nll_given_label']:.2f} nats | the same bound "
            "given the true label, from the same samples |"] if conditional else []),
         f"| ELBO gap | {results['test_elbo_gap']:.2f} nats | negative ELBO minus the estimate"
-        + (" given the label" if conditional else "") + ": how far q is from the true posterior (plus the "
-        "estimate's own bias) |",
+        + (" given the label: how far q(z\\|x, y)" if conditional else ": how far q(z\\|x)")
+        + " is from the true posterior (plus the estimate's own bias) |",
         f"| per-pixel MSE | {results['test_mse_per_pixel']:.4f} | of the reconstruction decoded from each image's latent mean |",
         f"| active units | {results['test_active_units']} of {len(kl)} | latent dimensions whose mean moves with the "
         "input (Cov_x(E_q[z]) > 0.01); the others collapsed onto the prior |",
