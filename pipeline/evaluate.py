@@ -10,7 +10,7 @@ import json
 
 from tqdm import tqdm
 
-from vaelab import config, data, metrics, tracking
+from vaelab import access, config, data, metrics, tracking
 from vaelab.model import load_vae, resolve_device
 from vaelab.stages import atomic_file, check_writable, paths, run_stage, write_rows
 
@@ -24,7 +24,7 @@ def main(argv):
     tracking.read_run_id(model_dir / "run.json", required=True)  # a damaged one stops the stage before any output
     model = load_vae(model_dir / "vae.pt", params.conditional).to(device)
     train, test = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
-    tracking.check_access(write=True, patient=True)  # the run exists: a server away may be restarting
+    access.check_access(write=True, patient=True)  # the run exists: a server away may be restarting
     test_x = data.model_inputs(test.images, params.binarize, "test")
     train_x = data.model_inputs(train.images, "none" if params.binarize == "none" else "static", "train")
     test_x, test_labels, train_x, train_labels = (t.to(device) for t in (test_x, test.labels, train_x, train.labels))

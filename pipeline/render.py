@@ -6,7 +6,7 @@ usage: python pipeline/render.py DATA_DIR MODEL_DIR HISTORY_CSV FIGURES_DIR
 """
 import torch
 
-from vaelab import data, figures, metrics, tracking
+from vaelab import access, data, figures, metrics, tracking
 from vaelab.config import load
 from vaelab.model import DIGITS, load_vae, manifold_images
 from vaelab.stages import atomic_dir, check_writable, paths, read_history, read_snapshots, run_stage
@@ -23,7 +23,7 @@ def main(argv):
     snapshots = read_snapshots(model_dir / "snapshots.pt")
     history = read_history(history_csv)
     test = data.load_split(data_dir, "test")
-    tracking.check_access(write=True, patient=True)  # the run exists: a server away may be restarting
+    access.check_access(write=True, patient=True)  # the run exists: a server away may be restarting
     epochs = snapshots["epochs"].tolist()
     manifolds, means, labels = (snapshots[k].numpy() for k in ("manifolds", "latent_means", "labels"))
     digits, digit_labels = data.to_float(test.images[:RECONSTRUCTED_DIGITS]), test.labels[:RECONSTRUCTED_DIGITS]

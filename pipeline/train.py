@@ -14,7 +14,7 @@ import shutil
 import torch
 from tqdm import tqdm
 
-from vaelab import config, data, tracking, training
+from vaelab import access, config, data, tracking, training
 from vaelab.model import resolve_device, save_vae
 from vaelab.stages import StageError, atomic_file, check_writable, paths, project_root, run_stage, write_rows
 
@@ -26,7 +26,7 @@ def main(argv):
     data_dir, model_dir, history_csv = paths(argv, "DATA_DIR", "MODEL_DIR", "HISTORY_CSV")
     check_writable(model_dir, history_csv)
     device = resolve_device(params.device)
-    tracking.check_access(write=True)
+    access.check_access(write=True)
     train_set, val_set, test_set = (data.load_split(data_dir, name) for name in data.SPLITS)
     snapshot_set = data.Split(*(t[: training.SNAPSHOT_IMAGES] for t in (test_set.images, test_set.labels)))
     checkpoint_dir = project_root() / ".vaelab" / "checkpoints" / params.digest()

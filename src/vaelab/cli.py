@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     from vaelab.stages import StageError
 
     if argv[0] == "ui-link":
-        from vaelab.tracking import ui_link
+        from vaelab.store import ui_link
 
         link = ui_link()
         print(f"Open the experiment's runs: {link}" if "#/experiments/" in link else

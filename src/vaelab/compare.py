@@ -32,7 +32,8 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from vaelab import tracking  # noqa: E402
+from vaelab import access, store  # noqa: E402
+from vaelab.compare_figures import label, learning_curves, metrics_against_latent_dim  # noqa: E402
 from vaelab.config import Params  # noqa: E402
 from vaelab.stages import StageError  # noqa: E402
 
@@ -118,6 +119,11 @@ def _params(frame: pd.DataFrame) -> list[str]:
 
 def _metrics(frame: pd.DataFrame) -> list[str]:
     return [m for m in FINAL_METRICS if m in frame]
+
+
+def _summarized_metrics(summary: pd.DataFrame) -> list[str]:
+    """The final metrics a summary (`summarize`) has columns for."""
+    return [m for m in FINAL_METRICS if f"{m}_mean" in summary]
 
 
 def _varying(frame: pd.DataFrame) -> list[str]:
@@ -238,7 +244,7 @@ def groups_markdown(summary: pd.DataFrame) -> str:
         "Per group and final metric: n runs with the metric, their mean, the sample standard deviation (std, "
         "ddof=1) and the 95% confidence interval of the mean (Student t); no std or interval where n = 1.")
     text += "\n" + _overview(summary)
-    for metric in [m for m in FINAL_METRICS if f"{m}_mean" in summary]:
+    for metric in _summarized_metrics(summary):
         columns = {"group": "group", **{p: p for p in varying}} | {f"{metric}_{s}": s.replace("_", " ") for s in STATS}
         text += f"\n## {metric}\n\n" + _markdown(summary[list(columns)].rename(columns=columns))
     return text
@@ -284,67 +290,6 @@ def console(summary: pd.DataFrame, diffs: pd.DataFrame, out: Path) -> str:
 
 # --- figures ---
 
-def _label(record: dict, params: list[str]) -> str:
-    return ", ".join(f"{p}={record[p]}" for p in params)
-
-
-def metrics_against_latent_dim(summary: pd.DataFrame, path: Path) -> Path:
-    """Each group's mean of each final metric against latent_dim with its 95% interval, one line per combination of
-    the other parameters that vary; a group of one run is a point without an error bar."""
-    metrics = [m for m in FINAL_METRICS if f"{m}_mean" in summary]
-    others = [p for p in _varying(summary) if p != "latent_dim"]
-    rows = -(-len(metrics) // 3)
-    fig, axes = plt.subplots(rows, 3, figsize=(14, 4 * rows + 0.5), squeeze=False)
-    for ax in axes.flat[len(metrics):]:
-        ax.axis("off")
-    lines = list(summary.groupby(others, sort=False)) if others else [((), summary)]
-    for ax, metric in zip(axes.flat, metrics):
-        for key, line in lines:
-            # a run without latent_dim has no place on this axis
-            line = line.assign(x=pd.to_numeric(line["latent_dim"], errors="coerce")).sort_values("x")
-            mean = line[f"{metric}_mean"]
-            ax.errorbar(line["x"], mean, yerr=line[f"{metric}_ci95_high"] - mean, marker="o", capsize=3,
-                        label=_label(dict(zip(others, key)), others) or None)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("latent_dim")
-        ax.set_title(metric)
-        ax.grid(alpha=0.3)
-    if others:
-        axes[0][0].legend(fontsize=8)
-    fig.suptitle("mean over seeds; error bars: 95% confidence interval of the mean (Student t), none where n = 1")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
-def learning_curves(bands: pd.DataFrame, summary: pd.DataFrame, path: Path, metric: str = CURVE_METRIC) -> Path:
-    """Each group's learning curve (`curves`): the mean over its seeds, shaded from their min to their max; a plain
-    line for a group of one run."""
-    varying = _varying(summary)
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for record in summary.to_dict("records"):
-        band = bands[bands["group"] == record["group"]]
-        if band.empty:
-            continue
-        described = _label(record, varying)
-        [line] = ax.plot(band["step"], band["mean"],
-                         label=f"{record['group']} (n={record['n']})" + (f": {described}" if described else ""))
-        if band["n"].max() > 1:
-            ax.fill_between(band["step"], band["min"], band["max"], color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"{metric} (nats per image)")
-    ax.set_yscale("log")
-    ax.set_title(f"{metric}: mean over seeds; band: min to max over seeds (none for a group of one run)",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
 def manifolds(frame: pd.DataFrame, path: Path) -> Path:
     """Each run's final manifold (its logged figures/manifold.png, a conditional run's manifold_per_digit.png),
     side by side, the seeds of a setting next to each other, titled by its seed and settings."""
@@ -360,7 +305,7 @@ def manifolds(frame: pd.DataFrame, path: Path) -> Path:
             image = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"figures/{name}",
                                                         dst_path=os.path.join(scratch, run_id))
             ax.imshow(Image.open(image))
-            ax.set_title(f"{frame.at[index, 'run']}, seed {run[SEED]}\n{_label(run, varying)}", fontsize=9)
+            ax.set_title(f"{frame.at[index, 'run']}, seed {run[SEED]}\n{label(run, varying)}", fontsize=9)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
@@ -379,16 +324,17 @@ def write_report(frame: pd.DataFrame, points: pd.DataFrame, out: Path) -> tuple[
     (out / "groups.md").write_text(groups_markdown(summary))
     diffs.to_csv(out / "differences.csv", index=False)
     (out / "differences.md").write_text(differences_markdown(diffs, summary))
-    metrics_against_latent_dim(summary, out / "metrics_vs_latent_dim.png")
-    learning_curves(curves(frame, points), summary, out / "learning_curves.png")
+    others = [p for p in _varying(summary) if p != "latent_dim"]
+    metrics_against_latent_dim(summary, _summarized_metrics(summary), others, out / "metrics_vs_latent_dim.png")
+    learning_curves(curves(frame, points), summary, _varying(summary), out / "learning_curves.png", CURVE_METRIC)
     return summary, diffs
 
 
 def compare(experiment: str, tags: dict[str, str], out: Path, log: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read the runs from MLflow, write the report into `out` and (unless not `log`) log it; returns
     (summary, diffs)."""
-    tracking.check_access(write=False, experiment=experiment)
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    access.check_access(write=False, experiment=experiment)
+    mlflow.set_tracking_uri(store.tracking_uri())
     runs = training_runs(experiment, tags)
     if runs.empty:
         raise StageError(f"no finished training runs in experiment {experiment!r}"
@@ -397,10 +343,10 @@ def compare(experiment: str, tags: dict[str, str], out: Path, log: bool = True) 
     summary, diffs = write_report(frame, histories(list(frame["run_id"])), out)
     manifolds(frame, out / "manifolds.png")
     experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
-    if log and (refusal := tracking.write_refusal(experiment_id, experiment)):  # a reader: the report, no run
+    if log and (refusal := access.write_refusal(experiment_id, experiment)):  # a reader: the report, no run
         print(f"the comparison run was not logged: {refusal}", file=sys.stderr)
     elif log:
-        with tracking.store_lock(), mlflow.start_run(experiment_id=experiment_id, run_name="comparison",
+        with store.store_lock(), mlflow.start_run(experiment_id=experiment_id, run_name="comparison",
                                                      tags={KIND_TAG: "comparison", **tags}):
             mlflow.log_artifacts(str(out), "compare")
     return summary, diffs
@@ -408,7 +354,7 @@ def compare(experiment: str, tags: dict[str, str], out: Path, log: bool = True) 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vaelab compare", description=__doc__.splitlines()[0])
-    parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", tracking.EXPERIMENT_NAME))
+    parser.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", store.EXPERIMENT_NAME))
     parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                         help="only runs with this tag, e.g. dvc.exp_baseline_rev=<commit>; repeatable")
     parser.add_argument("--out", type=Path, default=Path("reports/compare"))

@@ -1,315 +1,52 @@
-"""Everything MLflow: the store, the one run per trained parameter set, metrics, figures and the model.
-
-`train` starts the run and hands its id to the later stages through a small JSON file; `evaluate` and
-`render` log into that same run. Nothing here is imported by the model or the training maths.
-"""
+"""The one MLflow run per trained parameter set: `train` opens it, sends metrics from a background thread and hands
+its id to the later stages through a small JSON file; `evaluate` and `render` log into that same run. Nothing here
+is imported by the model or the training maths."""
 from __future__ import annotations
 
-import base64
-import fcntl
 import json
-import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Iterator
 
-import mlflow
-import numpy as np
 import torch
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus, Metric, Param, RunStatus, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-import vaelab
 from vaelab.config import Params
 from vaelab.data import NOT_FOUND, DamagedInput, md5
-from vaelab.model import DIGITS, LabelMismatch, ModelConfig, load_vae
-from vaelab.stages import StageError, project_root
+from vaelab.mlflow_model import log_model_once
+from vaelab.model import ModelConfig
+from vaelab.stages import StageError
+from vaelab.store import (
+    ABANDON_PATIENCE_SECONDS,
+    EXPERIMENT_NAME,
+    REPORT_AFTER_SECONDS,
+    TrackerAway,
+    away_message,
+    get_or_create_experiment,
+    not_answering,
+    open_client,
+    patience_seconds,
+    patiently,
+    redacted,
+    refusal_of,
+    store_lock,
+    tracking_uri,
+    transient,
+)
 
-T = TypeVar("T")
-EXPERIMENT_NAME = "vaelab"
-STORE_FILE = "mlflow.db"  # MLflow's own default name for a SQLite store
-ARTIFACT_DIR = "mlartifacts"  # beside the SQLite store, as `mlflow server` names it
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # what kind of experiment this is; MLflow 3.17's UI ignores it
 PARAMS_TAG, HOST_TAG, PID_TAG = "vaelab.params_digest", "vaelab.host", "vaelab.pid"
 THREADS_TAG = "vaelab.torch_threads"  # CPU threads of the run (OMP_NUM_THREADS): speed and float rounding
-REACHABLE_TIMEOUT_S = 5
-PATIENCE_VARIABLE, DEFAULT_PATIENCE_SECONDS = "VAELAB_TRACKING_PATIENCE_SECONDS", 300.0
-REPORT_AFTER_SECONDS = 3.0  # a wait at the end longer than this is reported
-ABANDON_PATIENCE_SECONDS = 10.0  # after Ctrl-C or an error: the next training closes the run anyway
-TRANSIENT_ERROR_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
-# A call to a server that went away fails in seconds, not after minutes of MLflow's default retries;
-# `patiently` and the sender thread do the waiting, with a bound.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
-class _QuietWhileLocked(logging.Filter):
-    """MLflow's SQLite store logs a locked database with a traceback of some 60 lines before it raises the
-    error that `patiently` and the sender thread wait out and report in one line; other errors still show."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "database is locked" not in record.getMessage()
-
-
-logging.getLogger("mlflow.store.db.utils").addFilter(_QuietWhileLocked())
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / STORE_FILE}"
-
-
-def redacted(uri: str) -> str:
-    """The URI without a password, for messages and logs."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}:{parts.port or ''}".rstrip(":")))
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
-
-
-@contextmanager
-def store_lock() -> Iterator[None]:
-    """Serialise writes to a SQLite store across processes (parallel DVC queue workers): SQLite allows
-    one writer at a time and MLflow would otherwise fail with "database is locked" or race to create
-    the tables. Other stores handle concurrency themselves."""
-    database = _sqlite_path(tracking_uri())
-    if database is None:
-        yield
-        return
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with open(database.with_name(database.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def check_access(write: bool, patient: bool = False, experiment: str | None = None) -> None:
-    """Fail within seconds, before any work, when an HTTP tracking server does not answer (most likely a wrong
-    address), refuses the user's name or password (401), or, with `write`, does not let the user write to the
-    experiment (an authenticating server: `mlflow server --app-name basic-auth`): one line each, never retried.
-    `patient` stages (those after `train`, whose server answered before) wait for an answer as `patiently`
-    does, for a server that is restarting."""
-    patience_seconds()  # a bad value is named now, not when a stage ends
-    uri = tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return
-
-    def probe() -> None:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACHABLE_TIMEOUT_S):
-            pass
-
-    try:
-        if patient:
-            patiently(probe, "the stage's start", None)
-        else:
-            probe()
-    except (OSError, ValueError) as error:
-        raise StageError(f"the MLflow tracking server {redacted(uri)} does not answer ({error}); "
-                         "start it or point MLFLOW_TRACKING_URI elsewhere") from None
-    experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME)
-    status, found = _server_get("/api/2.0/mlflow/experiments/get-by-name", experiment_name=experiment)
-    if status in (401, 403):
-        raise AccessRefused(_refusal(status, experiment, "read"))
-    if write and status == 200 and (refusal := write_refusal(found["experiment"]["experiment_id"], experiment)):
-        raise AccessRefused(refusal)
-
-
-class AccessRefused(StageError):
-    """The tracking server refused the user: a wrong name or password, or no permission. Waiting mends neither."""
-
-
-REFUSED = ("UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "PERMISSION_DENIED")  # MLflow's codes of a 401 and a 403
-WRITE_PERMISSIONS = ("EDIT", "MANAGE")  # MLflow's auth app: READ reads, EDIT logs runs, MANAGE also grants
-
-
-def _user() -> str | None:
-    return os.environ.get("MLFLOW_TRACKING_USERNAME")
-
-
-def _server_get(path: str, **query: str) -> tuple[int, dict]:
-    """GET `path` on the tracking server as the user MLflow's client would send (MLFLOW_TRACKING_USERNAME and
-    _PASSWORD, HTTP basic authentication): the status and the JSON answer ({} when there is none)."""
-    request = urllib.request.Request(f"{tracking_uri().rstrip('/')}{path}?{urllib.parse.urlencode(query)}")
-    if _user() is not None:
-        credentials = f"{_user()}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
-        request.add_header("Authorization", "Basic " + base64.b64encode(credentials).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=REACHABLE_TIMEOUT_S) as answer:
-            return answer.status, json.loads(answer.read() or b"{}")
-    except urllib.error.HTTPError as refused:
-        return refused.code, {}
-    except (OSError, ValueError) as error:
-        raise StageError(f"the MLflow tracking server {redacted(tracking_uri())} does not answer ({error}); "
-                         "start it or point MLFLOW_TRACKING_URI elsewhere") from None
-
-
-def write_refusal(experiment_id: str, experiment: str) -> str | None:
-    """Why the user may not write to the experiment, in one line, or None if they may (or the server checks no
-    permissions: it has no auth app, whose permission route is then missing)."""
-    if not tracking_uri().startswith(("http://", "https://")):
-        return None
-    status, permission = _server_get("/api/3.0/mlflow/users/permissions/get", username=_user() or "",
-                                     resource_type="experiment", resource_id=experiment_id)
-    if status != 200 or permission.get("permission") in WRITE_PERMISSIONS:
-        return None
-    if _server_get("/api/2.0/mlflow/users/current")[1].get("user", {}).get("is_admin"):
-        return None
-    return _refusal(403, experiment, "write to", permission.get("permission", "none"))
-
-
-def _refusal(status: int, experiment: str, action: str, permission: str | None = None) -> str:
-    """The one line for a refused request: who was refused by which server, and why."""
-    server = f"the MLflow tracking server {redacted(tracking_uri())}"
-    if status == 401:
-        if _user() is None:
-            return f"{server} asks for a user name and password: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
-        return (f"{server} refused user {_user()!r}: the user name or password is wrong "
-                "(MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD)")
-    wanted = "EDIT" if action == "write to" else "READ"
-    held = f" (it holds {permission})" if permission else ""
-    return (f"user {_user()!r} may not {action} experiment {experiment!r} on {server}{held}; ask the server's admin "
-            f"for {wanted} permission on it")
-
-
-def refusal_of(error: BaseException) -> AccessRefused | None:
-    """A refused MLflow request (401, 403) as the one-line AccessRefused, else None."""
-    if isinstance(error, MlflowException) and error.error_code in REFUSED:
-        status = 403 if error.error_code == "PERMISSION_DENIED" else 401
-        return AccessRefused(_refusal(status, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME), "write to"))
-    return None
-
-
-class TrackerAway(StageError):
-    """The tracking server or store did not answer within the patience; what waits is kept for a rerun."""
-
-
-def patience_seconds() -> float:
-    """How long a stage waits, at its end, for a tracker that is away: VAELAB_TRACKING_PATIENCE_SECONDS."""
-    value = os.environ.get(PATIENCE_VARIABLE, str(DEFAULT_PATIENCE_SECONDS))
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):
-        raise StageError(f"{PATIENCE_VARIABLE}={value!r} is not allowed; expected a number of seconds, 0 or more")
-    return seconds
-
-
-def _transient(error: BaseException) -> bool:
-    """Whether the tracker may answer a retry: a server down, restarting or overloaded, a store locked."""
-    if isinstance(error, MlflowException):
-        return error.error_code in TRANSIENT_ERROR_CODES
-    return isinstance(error, OSError)  # requests' and urllib3's connection errors are OSErrors
-
-
-def _reason(error: BaseException | None) -> str:
-    if error is None:
-        return "no answer yet"
-    text = str(error)
-    for known in ("Connection refused", "database is locked", "timed out", "Name or service not known",
-                  "Connection reset", "Connection aborted"):
-        if known.lower() in text.lower():
-            return known.lower()
-    return text.splitlines()[0][:160] if text else "no answer"
-
-
-def _not_answering(error: BaseException | None) -> str:
-    """`error` is None while the first try still waits (a SQLite store waits 20 s for a lock itself)."""
-    return f"MLflow: {redacted(tracking_uri())} does not answer {f'({_reason(error)})' if error else 'yet'}"
-
-
-def _away_message(error: BaseException | None, waiting: str, patience: float, run_id: str | None) -> str:
-    uri = redacted(tracking_uri())
-    away = (f"the MLflow store {uri} stayed locked for {patience:.0f} s (another process holds it: a sqlite3 shell, "
-            "a backup?)" if _sqlite_path(uri) else
-            f"the MLflow tracking server {uri} did not answer for {patience:.0f} s ({_reason(error)})")
-    if run_id is None:
-        return f"{away}; nothing was done ({waiting} needs it); run the stage again once it answers"
-    return (f"{away}; waiting to be sent: {waiting}; the stage's outputs are written: once the tracker answers, run "
-            f"the stage again (dvc repro) to send them into run {run_id} ({PATIENCE_VARIABLE} sets the wait)")
-
-
-def patiently(attempt: Callable[[], T], waiting: str, run_id: str | None, patience: float | None = None,
-              since: float | None = None) -> T:
-    """`attempt()`, tried again with growing pauses while the tracker is away, until `patience` seconds
-    (`patience_seconds()` by default) after `since` (a `time.monotonic()`, now by default); then a one-line
-    TrackerAway that names the tracker, what waits (`waiting`) and how to send it into the run `run_id`."""
-    patience = patience_seconds() if patience is None else patience
-    deadline, delay = (time.monotonic() if since is None else since) + patience, 1.0
-    while True:
-        try:
-            return attempt()
-        except Exception as error:  # noqa: BLE001  (anything not transient is raised as it is)
-            if refused := refusal_of(error):
-                raise refused from None
-            if not _transient(error):
-                raise
-            if time.monotonic() + delay > deadline:
-                raise TrackerAway(_away_message(error, waiting, patience, run_id)) from None
-            if delay == 1.0:
-                print(f"{_not_answering(error)}; trying again for up to {deadline - time.monotonic():.0f} s",
-                      file=sys.stderr)
-            time.sleep(delay)
-            delay = min(2 * delay, 30.0)
-
-
-def _client() -> MlflowClient:
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    with store_lock():  # opening a new SQLite store creates its tables: one process at a time
-        return MlflowClient(uri)
-
-
-def _experiment_id(client: MlflowClient, name: str) -> str:
-    """Get or create the experiment; two workers creating it at once both end with the same one."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        database = _sqlite_path(tracking_uri())
-        try:
-            return client.create_experiment(
-                name,
-                # beside the database, not in the working directory, which for a queued experiment is a
-                # temporary copy that DVC deletes
-                artifact_location=(database.parent / ARTIFACT_DIR).as_uri() if database else None,
-                tags={EXPERIMENT_KIND_TAG: "custom_model_development"},
-            )
-        except MlflowException:
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-    return experiment.experiment_id
-
-
-def ui_link(base_url: str = "http://127.0.0.1:5000", uri: str = f"sqlite:///{STORE_FILE}") -> str:
-    """The page to open in `mlflow ui`: the experiment's runs table in MLflow 3's "Model training" view
-    (3.17 opens an experiment in its GenAI view otherwise, whatever its tags), or the home page before the
-    first run. Reading a store that does not exist would create it, so that is checked first."""
-    database = _sqlite_path(uri)
-    if database is None or database.exists():
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME)
-        experiment = MlflowClient(uri).get_experiment_by_name(name)
-        if experiment is not None and experiment.lifecycle_stage == "active":
-            return f"{base_url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
-    return base_url
 
 
 def _git(*args: str) -> str | None:
@@ -381,7 +118,7 @@ class TrainingRun:
     MAX_RETRY_SECONDS = 60.0
 
     def __init__(self, params: Params, resume_id: str | None = None):
-        self.client = _client()
+        self.client = open_client()
         self.run_id = patiently(lambda: self._open(params, resume_id), "the run's start", None)
         self._rows: list[tuple[int, list[Metric]]] = []  # (epoch, its metrics), oldest first
         self._datasets: list[DatasetInput] = []  # the data sets the run trains on, until they are sent
@@ -398,7 +135,7 @@ class TrainingRun:
     def _open(self, params: Params, resume_id: str | None) -> str:
         tags = run_tags(params)
         with store_lock():
-            experiment_id = _experiment_id(self.client, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME))
+            experiment_id = get_or_create_experiment(self.client, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME))
             run_id = resume_id if resume_id and self._exists(resume_id) else None
             _close_orphans(self.client, experiment_id, keep=run_id)
             if run_id:
@@ -415,7 +152,7 @@ class TrainingRun:
         try:
             self.client.get_run(run_id)
         except MlflowException as error:
-            if _transient(error):
+            if transient(error):
                 raise
             return False
         return True
@@ -461,7 +198,7 @@ class TrainingRun:
         """One line when the tracker stops or starts answering, for the progress display; else None."""
         if self._away is not None and not self._told_away:
             self._told_away = True
-            return f"{_not_answering(self._away)}; training goes on and its metrics wait to be sent"
+            return f"{not_answering(self._away)}; training goes on and its metrics wait to be sent"
         if self._away is None and self._told_away:
             self._told_away = False
             return f"MLflow: {redacted(tracking_uri())} answers again; the waiting metrics are sent"
@@ -481,7 +218,7 @@ class TrainingRun:
         try:
             self._send(client)
         except Exception as error:  # noqa: BLE001  (kept for the main thread, which reports it)
-            if not _transient(error):
+            if not transient(error):
                 self._failure = refusal_of(error) or error
                 return 0.0
             self._away, self._synced = error, False
@@ -523,7 +260,7 @@ class TrainingRun:
         while self._sender.is_alive() and (left := deadline - time.monotonic()) > 0:
             self._sender.join(timeout=min(left, 0.5))
             if not reported and self._sender.is_alive() and time.monotonic() - started >= REPORT_AFTER_SECONDS:
-                print(f"{_not_answering(self._away)}; {self.backlog} epochs of metrics wait; trying again for up "
+                print(f"{not_answering(self._away)}; {self.backlog} epochs of metrics wait; trying again for up "
                       f"to {deadline - time.monotonic():.0f} s", file=sys.stderr)
                 self._told_away = reported = True
         if self._failure is not None:
@@ -532,11 +269,11 @@ class TrainingRun:
             waiting = [f"{'' if self._synced else 'up to '}{self.backlog} epochs of metrics"]
             waiting += ["the run's data sets"] * bool(self._datasets) + ["the model"] * (model is not None)
             waiting += [f"the run's end ({status})"]
-            raise TrackerAway(_away_message(self._away, ", ".join(waiting), patience, self.run_id))
+            raise TrackerAway(away_message(self._away, ", ".join(waiting), patience, self.run_id))
         if news := self.news():  # a tracker that was reported away and came back after the last epoch
             print(news, file=sys.stderr)
         if model is not None:
-            patiently(lambda: _log_model_once(self.client, self.run_id, *model), f"the model, the run's end ({status})",
+            patiently(lambda: log_model_once(self.client, self.run_id, *model), f"the model, the run's end ({status})",
                       self.run_id, patience, started)
 
         def terminate():
@@ -604,7 +341,7 @@ def add_to_run(run_id_file: Path, waiting: str, metrics: dict[str, float] | None
     same metrics, with the same timestamps, which the store keeps once. A missing or damaged `run_id_file` is a
     DamagedInput: the stages check it before their work with `read_run_id(..., required=True)`."""
     run_id = read_run_id(run_id_file, required=True)
-    client = _client()
+    client = open_client()
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
 
@@ -612,7 +349,7 @@ def add_to_run(run_id_file: Path, waiting: str, metrics: dict[str, float] | None
         try:
             client.get_run(run_id)
         except MlflowException as error:
-            if _transient(error):
+            if transient(error):
                 raise
             store = redacted(tracking_uri())
             raise StageError(f"MLflow run {run_id} (from {run_id_file}) is not in the store {store}; "
@@ -624,50 +361,3 @@ def add_to_run(run_id_file: Path, waiting: str, metrics: dict[str, float] | None
                 (client.log_artifacts if path.is_dir() else client.log_artifact)(run_id, str(path), artifact_path)
 
     patiently(log, waiting, run_id)
-
-
-class DecoderModel(mlflow.pyfunc.PythonModel):
-    """Latent vectors (n, latent_dim) in, decoded images (n, 28, 28) in [0, 1] out. A conditional VAE's takes
-    {"z": latent vectors (n, latent_dim), "label": digits (n,)} and draws each z as the digit beside it."""
-
-    def load_context(self, context) -> None:
-        self.vae = load_vae(context.artifacts["weights"])
-
-    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
-        """`model_input` is a dict of arrays for a conditional VAE (the signature's named tensors; MLflow refuses
-        input of the other kind before this runs). The hint np.ndarray, one MLflow infers no schema from, keeps
-        the logged signature and MLflow from warning about a predict without type hints."""
-        if not self.vae.config.conditional:
-            return self.vae.decode(torch.as_tensor(np.asarray(model_input, dtype=np.float32))).numpy()
-        z = torch.as_tensor(np.asarray(model_input["z"], dtype=np.float32))
-        labels = torch.as_tensor(np.asarray(model_input["label"], dtype=np.int64))
-        if labels.shape != (len(z),) or labels.min() < 0 or labels.max() >= DIGITS:
-            raise LabelMismatch(f"'label' must hold one digit from 0 to 9 per latent vector ({len(z)})")
-        return self.vae.decode(z, labels).numpy()
-
-
-def _log_model_once(client: MlflowClient, run_id: str, weights: Path, config: ModelConfig) -> None:
-    """Log the trained decoder as an MLflow pyfunc model that loads the weights-only checkpoint, unless an
-    earlier try (one that lost its answer, or a stage run again) already did."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    z = TensorSpec(np.dtype(np.float32), (-1, config.latent_dim), "z" if config.conditional else None)
-    labels = [TensorSpec(np.dtype(np.int64), (-1,), "label")] if config.conditional else []
-    signature = ModelSignature(
-        inputs=Schema([z, *labels]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
-    )
-    experiment_id = client.get_run(run_id).info.experiment_id
-    logged = client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'")
-    if any(model.status == LoggedModelStatus.READY for model in logged):
-        return
-    with store_lock(), mlflow.start_run(run_id=run_id):
-        mlflow.pyfunc.log_model(
-            name="model",
-            python_model=DecoderModel(),
-            artifacts={"weights": str(weights)},
-            code_paths=[str(Path(vaelab.__file__).parent)],
-            signature=signature,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-        )
