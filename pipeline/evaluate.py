@@ -22,7 +22,7 @@ def main(argv):
     check_writable(metrics_json, per_digit_csv, per_dimension_csv, evaluation_md)
     device = resolve_device(params.device)
     tracking.read_run_id(model_dir / "run.json", required=True)  # a damaged one stops the stage before any output
-    model = load_vae(model_dir / "vae.pt", params.conditional).to(device)
+    model = load_vae(model_dir / "vae.pt", params.conditional, params.architecture).to(device)
     train, test = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
     access.check_access(write=True, patient=True)  # the run exists: a server away may be restarting
     test_x = data.model_inputs(test.images, params.binarize, "test")

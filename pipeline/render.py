@@ -19,7 +19,7 @@ def main(argv):
     data_dir, model_dir, history_csv, figures_dir = paths(argv, "DATA_DIR", "MODEL_DIR", "HISTORY_CSV", "FIGURES_DIR")
     check_writable(figures_dir)
     tracking.read_run_id(model_dir / "run.json", required=True)  # a damaged one stops the stage before any output
-    model = load_vae(model_dir / "vae.pt", params.conditional)
+    model = load_vae(model_dir / "vae.pt", params.conditional, params.architecture)
     snapshots = read_snapshots(model_dir / "snapshots.pt")
     history = read_history(history_csv)
     test = data.load_split(data_dir, "test")

@@ -164,7 +164,8 @@ def test_a_saved_model_whose_weights_or_config_do_not_fit_is_named_with_its_cure
                path)
     with pytest.raises(DamagedInput) as error:
         load_vae(path)
-    assert str(error.value) == (f"{path} holds weights that do not fit its saved config (latent_dim 3, unconditional); "
+    assert str(error.value) == (f"{path} holds weights that do not fit its saved config "
+                                f"(latent_dim 3, unconditional, the seed network); "
                                 f"dvc checkout -f {path} restores it")
     torch.save({"config": {"latent_dim": 2, "dropout": 0.3, "beta": 1.0}, "state_dict": {}}, path)
     with pytest.raises(DamagedInput, match=r"vae.pt is not a saved vaelab model \(its config has beta\); dvc checkout"):

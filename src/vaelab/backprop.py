@@ -1,5 +1,6 @@
-"""A hand-written training step for the seed's VAE: the same forward pass and gradients as autograd on
-`vaelab.model.VAE` (up to float rounding), with far less overhead per step.
+"""A hand-written training step for the seed's VAE and its ELBO with one z sample per image: the same forward
+pass and gradients as autograd of `vaelab.model.objective_terms` (up to float rounding), with far less overhead
+per step. Other networks, objectives and sample counts train through autograd (`training.AutogradStep`).
 
 Why: the model is small (batch 500, layers of 128-784 units), so a plain autograd step spends about half its
 time outside the matrix products: per-op dispatch, graph bookkeeping, allocations and, above all, drawing
@@ -69,12 +70,19 @@ def _linear_backward(layer: nn.Linear, inputs, grad, need_input_grad: bool, kern
 
 
 class FastStep:
-    """One optimisation step's forward and backward on `model`, the seed's VAE or its conditional form, writing
+    """One optimisation step's forward and backward on `model`, the seed's network or its conditional form, writing
     the gradients of the seed's loss (mean training objective / 1568: reconstruction + `kl_weight` * KL,
     `model.training_objective`) into each parameter's `.grad`. The model must be in training mode. `kernel` is the matrix-multiply kernel of the
     products (`vaelab.model.matmul_kernel`, the machine's choice by default)."""
 
+    @staticmethod
+    def covers(model: VAE, objective: str, samples: int) -> bool:
+        """Whether this step computes the gradients of that training: the seed's network, the ELBO, one sample."""
+        return model.config.architecture == "seed" and objective == "elbo" and samples == 1
+
     def __init__(self, model: VAE, kl_weight: float = 1.0, kernel: str | None = None):
+        if not self.covers(model, "elbo", 1):
+            raise ValueError(f"the hand-written step covers the seed's network, not {model.config.architecture}'s")
         encoder, decoder = model.encoder.body, model.decoder.net
         self.model = model
         self.kl_weight = kl_weight
@@ -109,8 +117,8 @@ class FastStep:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward on the batch `x` (n, 784), with its digit `labels` (n,) for a conditional VAE;
-        returns the batch's summed (negative ELBO, reconstruction, KL) in nats, detached, for the epoch's
-        statistics: the true ELBO's parts whatever `kl_weight` is."""
+        returns the batch's summed (negative ELBO, reconstruction, KL, training objective) in nats, detached, for
+        the epoch's statistics: the true ELBO's parts whatever `kl_weight` is, and what the step minimised."""
         config = self.model.config
         masks = self._masks(len(x))
         encoder_mean, encoder_log_var = self.model.encoder.mean, self.model.encoder.log_var
@@ -139,4 +147,4 @@ class FastStep:
         grad_h = _linear_backward(encoder_mean, h, grad_mean, True, "mm")
         grad_h += _linear_backward(encoder_log_var, h, grad_log_var, True, "mm")
         self.blocks[0].backward(self.blocks[1].backward(grad_h), need_input_grad=False)
-        return torch.stack([reconstruction + kl, reconstruction, kl]).detach()
+        return torch.stack([reconstruction + kl, reconstruction, kl, reconstruction + self.kl_weight * kl]).detach()

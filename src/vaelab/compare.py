@@ -39,6 +39,8 @@ from vaelab.stages import StageError  # noqa: E402
 
 # The settings that shape a trained model, from the one schema; where it trained (`device`) is not a setting
 PARAMS = [name for name in Params().training_dict() if name != "device"]
+# Settings added later whose default is what every run before them trained: a run that lacks one had its default
+DEFAULT_WHEN_ABSENT = ("conditional", "architecture", "objective", "train_samples", "output_bias")
 # test_iwae_nll_given_label: conditional runs only; their test_neg_elbo, test_kl and gap are given the label too
 FINAL_METRICS = ["test_neg_elbo", "test_iwae_nll", "test_iwae_nll_given_label", "test_kl", "test_elbo_gap",
                  "test_active_units",
@@ -73,7 +75,11 @@ def table(runs: pd.DataFrame) -> pd.DataFrame:
     columns = {"tags.mlflow.runName": "run", "run_id": "run_id"}
     columns |= {f"params.{p}": p for p in PARAMS if f"params.{p}" in runs}
     columns |= {f"metrics.{m}": m for m in FINAL_METRICS if f"metrics.{m}" in runs}
-    return runs[list(columns)].rename(columns=columns)
+    frame = runs[list(columns)].rename(columns=columns)
+    for name in DEFAULT_WHEN_ABSENT:
+        if name in frame:
+            frame[name] = frame[name].fillna(str(getattr(Params(), name)))
+    return frame
 
 
 def histories(run_ids: list[str], metric: str = CURVE_METRIC) -> pd.DataFrame:

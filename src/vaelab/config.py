@@ -17,6 +17,10 @@ class ParamsError(ValueError):
 
 
 LR_SCHEDULES = ("constant", "burda", "cosine")  # see training.learning_rate
+# the model's choices (vaelab.model, which imports torch; named here so that the schema needs no torch)
+ARCHITECTURES = ("seed", "burda")
+OBJECTIVES = ("elbo", "iwae")
+OUTPUT_BIASES = ("zero", "data_mean")
 EVALUATION_ONLY = ("iwae_samples",)  # read by `evaluate` alone; it records them as metrics
 
 
@@ -39,6 +43,10 @@ class Params:
     binarize: str = "none"
     iwae_samples: int = 500
     conditional: bool = False
+    architecture: str = "seed"
+    objective: str = "elbo"
+    train_samples: int = 1
+    output_bias: str = "zero"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,6 +78,10 @@ _RULES: dict[str, tuple[type, Any, str]] = {
     "binarize": (str, lambda v: v in ("none", "dynamic", "static"), "one of: none, dynamic, static"),
     "iwae_samples": (int, lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),
     "conditional": (bool, lambda v: True, "true or false"),
+    "architecture": (str, lambda v: v in ARCHITECTURES, f"one of: {', '.join(ARCHITECTURES)}"),
+    "objective": (str, lambda v: v in OBJECTIVES, f"one of: {', '.join(OBJECTIVES)}"),
+    "train_samples": (int, lambda v: 1 <= v <= 5000, "an integer from 1 to 5000"),
+    "output_bias": (str, lambda v: v in OUTPUT_BIASES, f"one of: {', '.join(OUTPUT_BIASES)}"),
     "val_size": (int, lambda v: 1 <= v <= MNIST_TRAIN_SIZE // 2, f"an integer from 1 to {MNIST_TRAIN_SIZE // 2}"),
 }
 
@@ -100,6 +112,11 @@ def validate(raw: Any) -> Params:
         raise ParamsError(
             f"params.yaml: batch_size: {params.batch_size} is larger than the training set "
             f"({train_size} images = {MNIST_TRAIN_SIZE} - val_size {params.val_size})"
+        )
+    if params.architecture == "burda" and params.dropout:
+        raise ParamsError(
+            f"params.yaml: dropout: {params.dropout} does not apply to architecture: burda (Burda et al.'s network "
+            "has no dropout); set dropout: 0, or architecture: seed"
         )
     return params
 

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from vaelab.model import (DIGITS, SEED_LOSS_SCALE, VAE, FoldedDecoder, encode_in_batches, kl_per_dimension,
-                          negative_elbo, reconstruction_nll_)
+                          log_normal, log_standard_normal, negative_elbo, reconstruction_nll_)
 
 EVAL_BATCH = 1000
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -101,11 +101,6 @@ def latent_classifier_accuracy(model: VAE, train_images, train_labels, test_imag
         return (classifier(test_z).argmax(dim=1) == test_labels).float().mean().item()
 
 
-def _log_normal(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """log N(z; mean, diag(exp(log_var))), summed over the last dimension."""
-    return -0.5 * (((z - mean).square() / log_var.exp()) + log_var + math.log(2 * math.pi)).sum(dim=-1)
-
-
 @torch.no_grad()
 def importance_log_likelihood(model: VAE, images: torch.Tensor, samples: int, labels: torch.Tensor | None = None,
                               max_rows: int = 50_000, block_rows: int | None = None,
@@ -135,8 +130,7 @@ def importance_log_likelihood(model: VAE, images: torch.Tensor, samples: int, la
             k = min(sample_chunk, samples - done)
             z = mean.unsqueeze(1) + torch.exp(0.5 * log_var).unsqueeze(1) * torch.randn(
                 len(x), k, mean.shape[1], device=x.device)
-            zeros = torch.zeros_like(mean).unsqueeze(1)
-            log_pz_over_q = _log_normal(z, zeros, zeros) - _log_normal(z, mean.unsqueeze(1), log_var.unsqueeze(1))
+            log_pz_over_q = log_standard_normal(z) - log_normal(z, mean.unsqueeze(1), log_var.unsqueeze(1))
             log_weights.append(_log_likelihood_given(decoder, z, x, y, block_rows) + log_pz_over_q)
         estimates.append(torch.logsumexp(torch.cat(log_weights, dim=1), dim=1) - math.log(samples))
         if on_progress is not None:

@@ -1,4 +1,5 @@
-"""The seed's VAE (Keras 2 tutorial, part 3) in PyTorch, its conditional form, and their objective.
+"""The seed's VAE (Keras 2 tutorial, part 3) in PyTorch, Burda et al.'s network, the conditional form of both, and
+their objectives: the ELBO (the seed's) and the importance-weighted bound (IWAE, Burda et al. 2015).
 
 Faithful to Keras 2's defaults where they differ from PyTorch's: Glorot-uniform weights and zero biases,
 BatchNorm with momentum 0.99 (PyTorch: 0.01) and epsilon 1e-3, LeakyReLU slope 0.3.
@@ -7,16 +8,21 @@ The conditional VAE (`conditional=True`, the seed author's planned next step; Ki
 label observed) is the same networks with the one-hot digit label concatenated to x at the encoder's input and to
 z at the decoder's: q(z|x, y), p(x|z, y), prior N(0, I). Every function that takes `labels` (int64 digits, (n,))
 needs them for a conditional model and refuses them for the seed's.
+
+`architecture: burda` is Burda et al.'s one-stochastic-layer network (yburda/iwae, `iwae.py`): 784-200-200 tanh to
+the latents' mean and log standard deviation, and 200-200 tanh back to 784 logits; Glorot-uniform weights, zero
+biases, no BatchNorm, no dropout.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.config import ParamsError
+from vaelab.config import ARCHITECTURES, OBJECTIVES, ParamsError
 from vaelab.data import DamagedInput, load_archive
 
 IMAGE_PIXELS = 28 * 28
@@ -25,6 +31,8 @@ DIGITS = 10  # the labels of a conditional VAE
 MANIFOLD_SIZE = 15  # the seed's manifold: a 15 x 15 grid of decoded digits
 KERAS_BN = dict(eps=1e-3, momentum=0.01)
 KERAS_LEAKY_SLOPE = 0.3
+BURDA_HIDDEN = 200  # both hidden layers of Burda et al.'s encoder and decoder
+OUTPUT_BIAS_CLIP = 0.001  # Burda et al. clip each mean pixel to [0.001, 0.999] before its logit
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,18 @@ class ModelConfig:
     latent_dim: int = 2
     dropout: float = 0.3
     conditional: bool = False
+    architecture: str = "seed"
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {self.architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
+        if self.architecture == "burda" and self.dropout:
+            raise ValueError(f"dropout {self.dropout} does not apply to Burda et al.'s network, which has none")
+
+    @classmethod
+    def of(cls, params) -> "ModelConfig":
+        """The network that a validated `vaelab.config.Params` describes."""
+        return cls(params.latent_dim, params.dropout, params.conditional, params.architecture)
 
     @property
     def label_width(self) -> int:
@@ -73,35 +93,61 @@ def _bn_dropout(width: int, dropout: float) -> list[nn.Module]:
     return [nn.BatchNorm1d(width, **KERAS_BN), nn.Dropout(dropout)]
 
 
+def _tanh_chain(widths: list[int]) -> list[nn.Module]:
+    """Burda et al.'s hidden layers: dense then tanh, for each pair of consecutive widths."""
+    return [module for n_in, n_out in zip(widths, widths[1:]) for module in (_dense(n_in, n_out), nn.Tanh())]
+
+
 class Encoder(nn.Module):
-    """784 (+ 10 label) -> 256 ReLU -> BN -> Dropout -> 128 ReLU -> BN -> Dropout -> (mean, log-variance)."""
+    """The seed's: 784 (+ 10 label) -> 256 ReLU -> BN -> Dropout -> 128 ReLU -> BN -> Dropout -> (mean, log-variance).
+    Burda et al.'s: 784 (+ 10 label) -> 200 tanh -> 200 tanh -> (mean, log standard deviation): their code's
+    parameterisation, so its second head's output is doubled into the log-variance."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.body = nn.Sequential(
-            _dense(IMAGE_PIXELS + config.label_width, 256), nn.ReLU(), *_bn_dropout(256, config.dropout),
-            _dense(256, 128), nn.ReLU(), *_bn_dropout(128, config.dropout),
-        )
-        self.mean = _dense(128, config.latent_dim)
-        self.log_var = _dense(128, config.latent_dim)
+        inputs = IMAGE_PIXELS + config.label_width
+        if config.architecture == "burda":
+            self.body = nn.Sequential(*_tanh_chain([inputs, BURDA_HIDDEN, BURDA_HIDDEN]))
+        else:
+            self.body = nn.Sequential(
+                _dense(inputs, 256), nn.ReLU(), *_bn_dropout(256, config.dropout),
+                _dense(256, 128), nn.ReLU(), *_bn_dropout(128, config.dropout),
+            )
+        width = BURDA_HIDDEN if config.architecture == "burda" else 128
+        self.mean = _dense(width, config.latent_dim)
+        self.log_var = _dense(width, config.latent_dim)
+        self.log_std_head = config.architecture == "burda"
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, log-variance) of q(z|x), or of q(z|x, y) with `labels`."""
         h = self.body(with_label(x, labels, self.config))
-        return self.mean(h), self.log_var(h)
+        log_var = self.log_var(h)
+        return self.mean(h), 2 * log_var if self.log_std_head else log_var
 
 
 class Decoder(nn.Module):
-    """latent (+ 10 label) -> 128 LeakyReLU -> BN -> Dropout -> 256 LeakyReLU -> BN -> Dropout -> 784 logits."""
+    """The seed's: latent (+ 10 label) -> 128 LeakyReLU -> BN -> Dropout -> 256 LeakyReLU -> BN -> Dropout -> 784
+    logits. Burda et al.'s: latent (+ 10 label) -> 200 tanh -> 200 tanh -> 784 logits."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.net = nn.Sequential(
-            _dense(config.latent_dim + config.label_width, 128), nn.LeakyReLU(KERAS_LEAKY_SLOPE), *_bn_dropout(128, config.dropout),
-            _dense(128, 256), nn.LeakyReLU(KERAS_LEAKY_SLOPE), *_bn_dropout(256, config.dropout),
-            _dense(256, IMAGE_PIXELS),
-        )
+        inputs = config.latent_dim + config.label_width
+        if config.architecture == "burda":
+            self.net = nn.Sequential(*_tanh_chain([inputs, BURDA_HIDDEN, BURDA_HIDDEN]),
+                                     _dense(BURDA_HIDDEN, IMAGE_PIXELS))
+        else:
+            self.net = nn.Sequential(
+                _dense(inputs, 128), nn.LeakyReLU(KERAS_LEAKY_SLOPE), *_bn_dropout(128, config.dropout),
+                _dense(128, 256), nn.LeakyReLU(KERAS_LEAKY_SLOPE), *_bn_dropout(256, config.dropout),
+                _dense(256, IMAGE_PIXELS),
+            )
+
+    @property
+    def output(self) -> nn.Linear:
+        """The layer that writes the 784 logits; its bias may start at the data's (`output_bias: data_mean`)."""
+        return self.net[-1]
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Bernoulli logits per pixel; `torch.sigmoid` of them is the seed's sigmoid output."""
@@ -124,7 +170,7 @@ def matmul_kernel(device: torch.device) -> str:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none",
            kernel: str = "mm") -> torch.Tensor:
-    """x @ weight.T + bias, then `activation` (`none`, `relu`, or `leaky_relu` with Keras's slope), with the
+    """x @ weight.T + bias, then `activation` (`none`, `relu`, `tanh`, or `leaky_relu` with Keras's slope), with the
     matrix-multiply `kernel` (`matmul_kernel`): with oneDNN one call, the activation applied as the product is
     written."""
     if kernel == "onednn":
@@ -133,33 +179,44 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
     if activation == "relu":
         return out.relu_()
+    if activation == "tanh":
+        return out.tanh_()
     return F.leaky_relu_(out, KERAS_LEAKY_SLOPE) if activation == "leaky_relu" else out
 
 
 class FoldedDecoder:
-    """An eval-mode decoder as three dense layers, each BatchNorm folded into the layer after it: in eval mode
-    a BatchNorm is the affine map a * scale + shift, so W (a * scale + shift) + b = (W * scale) a + (W shift + b),
-    and dropout is the identity. The same function up to float rounding, without two passes over the hidden
-    units, for the importance-sampled bound's millions of decoded samples. A snapshot: build it anew after the
-    weights change."""
+    """An eval-mode decoder as three dense layers with their activations fused. The seed's has each BatchNorm
+    folded into the layer after it: in eval mode a BatchNorm is the affine map a * scale + shift, so
+    W (a * scale + shift) + b = (W * scale) a + (W shift + b), and dropout is the identity. The same function up
+    to float rounding, without two passes over the hidden units, for the importance-sampled bound's millions of
+    decoded samples. A snapshot: build it anew after the weights change."""
 
     @torch.no_grad()
     def __init__(self, decoder: Decoder):
         net = decoder.net
-        self.layers = [(net[0].weight, net[0].bias)]
-        for norm, layer in ((net[2], net[4]), (net[6], net[8])):
-            scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-            shift = norm.bias - norm.running_mean * scale
-            self.layers.append((layer.weight * scale, torch.addmv(layer.bias, layer.weight, shift)))
+        if decoder.config.architecture == "burda":
+            self.layers = [(net[0].weight, net[0].bias, "tanh"), (net[2].weight, net[2].bias, "tanh"),
+                           (net[4].weight, net[4].bias, "none")]
+        else:
+            self.layers = [(net[0].weight, net[0].bias, "leaky_relu"),
+                           (*_folded(net[2], net[4]), "leaky_relu"), (*_folded(net[6], net[8]), "none")]
         self.kernel = matmul_kernel(net[0].weight.device)
         self.config = decoder.config
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Bernoulli logits (n, 784) of the latents z (n, latent_dim), as `Decoder.forward` in eval mode."""
-        first, second, output = self.layers
-        h = linear(with_label(z, labels, self.config), *first, "leaky_relu", self.kernel)
-        return linear(linear(h, *second, "leaky_relu", self.kernel), *output, kernel=self.kernel)
+        h = with_label(z, labels, self.config)
+        for weight, bias, activation in self.layers:
+            h = linear(h, weight, bias, activation, self.kernel)
+        return h
+
+
+def _folded(norm: nn.BatchNorm1d, layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of `layer` after an eval-mode `norm`, as one affine map."""
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    return layer.weight * scale, torch.addmv(layer.bias, layer.weight, shift)
 
 
 class VAE(nn.Module):
@@ -260,6 +317,73 @@ def training_objective(reconstruction: torch.Tensor, kl: torch.Tensor, kl_weight
     return reconstruction + kl_weight * kl
 
 
+def log_normal(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """log N(z; mean, diag(exp(log_var))), summed over the last dimension."""
+    return -0.5 * (((z - mean).square() / log_var.exp()) + log_var + math.log(2 * math.pi)).sum(dim=-1)
+
+
+def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I), summed over the last dimension: the prior's log density."""
+    return -0.5 * (z.square() + math.log(2 * math.pi)).sum(dim=-1)
+
+
+def objective_terms(model: VAE, x: torch.Tensor, labels: torch.Tensor | None, objective: str, samples: int,
+                    kl_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training objective per image, with `samples` (k) reparameterised z per image, and the reconstruction
+    (mean over the k) and KL of the true negative ELBO beside it; all (n,), in nats.
+
+    `elbo` ("VAE, k"): the mean of the k samples' reconstruction terms plus kl_weight * KL in closed form
+    (`training_objective`); at k = 1 the seed's objective. Burda et al. sample the KL too: the same expectation
+    and gradient in expectation, with more variance.
+    `iwae` (Burda et al. 2015): -log (1/k) sum_k w_k with log w_k = log p(x|z_k) + kl_weight * (log p(z_k) -
+    log q(z_k|x)); at weight 1 the importance-weighted bound, whose gradient is sum_k w~_k grad log w_k with
+    the normalised weights w~_k held constant (autograd of the logsumexp gives exactly that). The weight below 1
+    (warm-up, beta) tempers the prior-to-posterior ratio as the ELBO's KL weight does."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    sampled = sample_posterior(model, x, labels, samples)
+    kl = kl_to_standard_normal(sampled.mean, sampled.log_var)
+    if objective == "elbo":
+        loss = training_objective(sampled.reconstruction.mean(dim=0), kl, kl_weight)
+    else:
+        loss = math.log(samples) - torch.logsumexp(sampled.log_weights(kl_weight), dim=0)
+    return loss, sampled.reconstruction.mean(dim=0), kl
+
+
+@dataclass
+class PosteriorSamples:
+    """k reparameterised samples z (k, n, latent) of q(z|x) for n images, the posterior's mean and log-variance
+    (n, latent), and each sample's reconstruction term -log p(x|z) (k, n)."""
+
+    z: torch.Tensor
+    mean: torch.Tensor
+    log_var: torch.Tensor
+    reconstruction: torch.Tensor
+
+    def log_weights(self, kl_weight: float = 1.0) -> torch.Tensor:
+        """log w = log p(x|z) + kl_weight * (log p(z) - log q(z|x)) of each sample (k, n): at weight 1 the
+        importance weights, whose mean over the k is a one-sample ELBO with the KL sampled."""
+        log_prior_ratio = log_standard_normal(self.z) - log_normal(self.z, self.mean, self.log_var)
+        return -self.reconstruction + kl_weight * log_prior_ratio
+
+
+def sample_posterior(model: VAE, x: torch.Tensor, labels: torch.Tensor | None, samples: int) -> PosteriorSamples:
+    """`samples` draws of z from q(z|x) (or q(z|x, y)) for each image of x (n, 784), decoded in one batch."""
+    mean, log_var = model.encoder(x, labels)
+    z = reparameterize(mean.expand(samples, *mean.shape), log_var.expand(samples, *log_var.shape))
+    repeated_labels = None if labels is None else labels.repeat(samples)
+    logits = model.decoder(z.flatten(0, 1), repeated_labels).view(samples, len(x), -1)
+    return PosteriorSamples(z, mean, log_var, reconstruction_nll(logits, x.expand(samples, *x.shape)))
+
+
+@torch.no_grad()
+def data_mean_logits(images: torch.Tensor) -> torch.Tensor:
+    """The logit of each pixel's mean over `images` (n, 784), the means clipped to [0.001, 0.999] (Burda et al.'s
+    `get_train_bias_np`): the output bias at which an untrained decoder already draws the average digit."""
+    means = images.double().mean(dim=0).clamp(OUTPUT_BIAS_CLIP, 1 - OUTPUT_BIAS_CLIP)
+    return torch.logit(means).to(images.dtype)
+
+
 def manifold_grid(size: int = MANIFOLD_SIZE) -> torch.Tensor:
     """The seed's grid: norm.ppf(linspace(0.05, 0.95, size)) on each axis."""
     return torch.special.ndtri(torch.linspace(0.05, 0.95, size, dtype=torch.float64)).float()
@@ -305,17 +429,20 @@ def resolve_device(name: str) -> torch.device:
 
 def save_vae(model: VAE, path) -> None:
     """Weights and their config in one file that `torch.load(..., weights_only=True)` reads. The seed's VAE
-    keeps the file of earlier versions (no `conditional` key), so its bytes, and DVC's hash, stay the same."""
+    keeps the file of earlier versions (no `conditional` or `architecture` key), so its bytes, and DVC's hash,
+    stay the same."""
     config = {"latent_dim": model.config.latent_dim, "dropout": model.config.dropout}
     if model.config.conditional:
         config["conditional"] = True
+    if model.config.architecture != "seed":
+        config["architecture"] = model.config.architecture
     torch.save({"config": config, "state_dict": model.state_dict()}, path)
 
 
-def load_vae(path, conditional: bool | None = None) -> VAE:
+def load_vae(path, conditional: bool | None = None, architecture: str | None = None) -> VAE:
     """A saved VAE in eval mode, loaded weights-only (no pickled code runs). A missing, damaged or foreign file is a
-    DamagedInput that names it. With `conditional` (params.yaml's), a model of the other kind is a ParamsError that
-    names the file and both kinds."""
+    DamagedInput that names it. With `conditional` or `architecture` (params.yaml's), a model of another kind is a
+    ParamsError that names the file and both kinds."""
     saved = load_archive(path, "train")
     config = saved.get("config") if isinstance(saved, dict) else None
     if not isinstance(config, dict) or not isinstance(saved.get("state_dict"), dict):
@@ -326,20 +453,26 @@ def load_vae(path, conditional: bool | None = None) -> VAE:
     if conditional is not None and conditional != model.config.conditional:
         raise ParamsError(f"{path} holds a VAE that is {model.config.kind}, but params.yaml has conditional: "
                           f"{str(conditional).lower()}; run the train stage again (dvc repro) to train that one")
+    if architecture is not None and architecture != model.config.architecture:
+        raise ParamsError(f"{path} holds a VAE of architecture {model.config.architecture}, but params.yaml has "
+                          f"architecture: {architecture}; run the train stage again (dvc repro) to train that one")
     try:
         model.load_state_dict(saved["state_dict"])
     except RuntimeError:  # missing or unexpected keys, or tensors of other shapes
-        fitted = f"latent_dim {model.config.latent_dim}, {model.config.kind}"
+        fitted = f"latent_dim {model.config.latent_dim}, {model.config.kind}, the {model.config.architecture} network"
         raise DamagedInput(path, f"holds weights that do not fit its saved config ({fitted})", "train") from None
     return model.eval()
 
 
 def _saved_config_problem(config: dict) -> str | None:
-    """Why `config` is not one that `save_vae` writes (a latent_dim, a dropout, perhaps conditional), or None."""
-    if unknown := sorted(str(key) for key in config if key not in ("latent_dim", "dropout", "conditional")):
+    """Why `config` is not one that `save_vae` writes (a latent_dim, a dropout, perhaps conditional and an
+    architecture), or None."""
+    keys = ("latent_dim", "dropout", "conditional", "architecture")
+    if unknown := sorted(str(key) for key in config if key not in keys):
         return f"its config has {', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}"
-    latent_dim, dropout, conditional = (config.get(k) for k in ("latent_dim", "dropout", "conditional"))
+    latent_dim, dropout, conditional, architecture = (config.get(k) for k in keys)
     if not (type(latent_dim) is int and latent_dim >= 1 and type(dropout) in (int, float) and 0 <= dropout < 1
-            and type(conditional) in (type(None), bool)):
+            and type(conditional) in (type(None), bool) and architecture in (None, *ARCHITECTURES)
+            and not (architecture == "burda" and dropout)):
         return f"its config is {config}"
     return None

@@ -1,4 +1,4 @@
-"""The training loop: in-memory tensors, the seed's objective, per-epoch history and animation snapshots.
+"""The training loop: in-memory tensors, the training objective, per-epoch history and animation snapshots.
 
 Importable with torch alone (no MLflow, no DVC): the caller observes progress through `on_epoch`.
 """
@@ -18,8 +18,8 @@ import torch
 
 from vaelab.config import Params
 from vaelab.backprop import FastStep
-from vaelab.model import (MANIFOLD_SIZE, SEED_LOSS_SCALE, VAE, ModelConfig, encode_in_batches, manifold_images,
-                          negative_elbo, resolve_device, training_objective)
+from vaelab.model import (MANIFOLD_SIZE, SEED_LOSS_SCALE, VAE, ModelConfig, data_mean_logits, encode_in_batches,
+                          manifold_images, negative_elbo, objective_terms, resolve_device)
 
 # A conditional VAE's snapshot holds ten manifolds, one per digit, on a 5 x 5 grid each: about the pixels of the
 # seed's one 15 x 15 manifold, so that the snapshots file and the animation stay the size they are.
@@ -112,10 +112,28 @@ def make_optimizer(name: str, parameters, lr: float, capturable: bool = False) -
 STEP_MODES = ("eager", "graphs", "compiled-graphs")
 
 
+class AutogradStep:
+    """The gradients of the training objective by autograd of its definition (`vaelab.model.objective_terms`):
+    the step for what the hand-written FastStep does not cover (Burda et al.'s network, IWAE, k > 1 samples).
+    It minimises the same scaled loss as FastStep, the mean objective / 1568, so that Adam's epsilon weighs
+    alike on both. Returns the batch's summed (negative ELBO, reconstruction, KL, training objective), detached."""
+
+    def __init__(self, model: VAE, objective: str, samples: int, kl_weight: float = 1.0):
+        self.model, self.objective, self.samples, self.kl_weight = model, objective, samples, kl_weight
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        for parameter in self.model.parameters():
+            parameter.grad = None  # within a CUDA graph's capture, backward writes fresh gradients to its pool
+        loss, reconstruction, kl = objective_terms(self.model, x, labels, self.objective, self.samples, self.kl_weight)
+        (loss.mean() / SEED_LOSS_SCALE).backward()
+        return torch.stack([(reconstruction + kl).sum(), reconstruction.sum(), kl.sum(), loss.sum()]).detach()
+
+
 class TrainingStep:
     """One optimisation step on a batch of training images chosen by `index`: the dynamic binarization (if
-    any), the hand-written forward and backward pass, and the optimizer. Returns the batch's summed
-    (negative ELBO, reconstruction, KL), left on the device.
+    any), the forward and backward pass (hand-written where `FastStep` covers the training, otherwise
+    `AutogradStep`), and the optimizer. Returns the batch's summed (negative ELBO, reconstruction, KL, training
+    objective), left on the device.
 
     `mode` is how the step runs. `eager`: op by op, as on the CPU. `graphs` (CUDA only): each batch size's
     step is recorded once as a CUDA graph and replayed from then on, since a step is about a hundred small
@@ -129,13 +147,15 @@ class TrainingStep:
     WARMUP = 2
 
     def __init__(self, model: VAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, binarize: str,
-                 mode: str = "eager", labels: torch.Tensor | None = None):
+                 mode: str = "eager", labels: torch.Tensor | None = None, objective: str = "elbo", samples: int = 1):
         if mode not in STEP_MODES:
             raise ValueError(f"step mode {mode!r}: expected one of {', '.join(STEP_MODES)}")
-        self.hand_written = self.fast = FastStep(model)
+        self.gradients = (FastStep(model) if FastStep.covers(model, objective, samples)
+                          else AutogradStep(model, objective, samples))
+        self.run_gradients = self.gradients
         if mode == "compiled-graphs":
             # fallback_random: the same random numbers as the eager step, so both modes train alike
-            self.fast = torch.compile(self.fast, dynamic=False, options={"fallback_random": True})
+            self.run_gradients = torch.compile(self.gradients, dynamic=False, options={"fallback_random": True})
         self.optimizer, self.images, self.labels, self.binarize, self.mode = optimizer, images, labels, binarize, mode
         self.stream = torch.cuda.Stream() if mode != "eager" else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
@@ -151,15 +171,15 @@ class TrainingStep:
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
-        if kl_weight != self.hand_written.kl_weight:
-            self.hand_written.kl_weight = kl_weight
+        if kl_weight != self.gradients.kl_weight:
+            self.gradients.kl_weight = kl_weight
             self.graphs.clear()  # the weight is an argument recorded in the graph's kernels: record anew
 
     def eager(self, index: torch.Tensor) -> torch.Tensor:
         x = self.images.index_select(0, index)
         if self.binarize == "dynamic":  # a fresh Bernoulli(pixel) draw of every batch
             x = (torch.rand_like(x) < x).to(x.dtype)
-        stats = self.fast(x, None if self.labels is None else self.labels.index_select(0, index))
+        stats = self.run_gradients(x, None if self.labels is None else self.labels.index_select(0, index))
         self.optimizer.step()
         return stats
 
@@ -279,7 +299,10 @@ def train(
     if device.type == "cpu":
         reuse_freed_memory()
     seed_everything(params.seed)
-    model = VAE(ModelConfig(params.latent_dim, params.dropout, params.conditional)).to(device)
+    model = VAE(ModelConfig.of(params))
+    if params.output_bias == "data_mean":
+        model.decoder.output.bias.data.copy_(data_mean_logits(train_images))
+    model.to(device)
     optimizer = make_optimizer(params.optimizer, model.parameters(), params.lr, capturable=device.type == "cuda")
     train_images, val_images, snapshot_images = (t.to(device) for t in (train_images, val_images, snapshot_images))
     if params.conditional and labels is None:
@@ -296,7 +319,8 @@ def train(
         if on_epoch is not None:
             for row in history:
                 on_epoch(row)
-    step = TrainingStep(model, optimizer, train_images, params.binarize, step_mode, train_labels)
+    step = TrainingStep(model, optimizer, train_images, params.binarize, step_mode, train_labels, params.objective,
+                        params.train_samples)
     last_save = time.monotonic()
 
     for epoch in range(done + 1, params.epochs + 1):
@@ -306,7 +330,7 @@ def train(
         order = torch.randperm(n, generator=shuffle).to(device)
         batches = [index for index in order.split(params.batch_size) if len(index) > 1]  # BatchNorm needs 2
         step_losses = torch.empty(len(batches), device=device)
-        totals, seen = torch.zeros(3, device=device), 0
+        totals, seen = torch.zeros(4, device=device), 0
         for i, index in enumerate(batches):
             stats = step(index)
             step_losses[i] = stats[0]
@@ -319,8 +343,8 @@ def train(
                 f"training stopped ({_divergence_causes(params, first_step=epoch == 1 and bad == 0)})"
             )
         row = {"epoch": epoch, **rates}
-        row.update({f"train_{k}": v for k, v in _summary(totals / seen).items()})
-        row["train_objective"] = training_objective(row["train_reconstruction"], row["train_kl"], rates["kl_weight"])
+        row.update({f"train_{k}": v for k, v in _summary(totals[:3] / seen).items()})
+        row["train_objective"] = (totals[3] / seen).item()
         row.update({f"val_{k}": v for k, v in evaluate_loss(model, val_images, params.batch_size, val_labels).items()})
         history.append(row)
         if epoch in snapshot_at:
