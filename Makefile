@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export VAELAB_MNIST_MIRROR ?= $(abspath $(wildcard ../shared/mnist))
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test bench gpu-check ui clean-venv
+.PHONY: setup repro test bench gpu-check gpu-literature ui clean-venv
 
 setup: $(VENV)/.installed
 
@@ -34,3 +34,7 @@ bench: setup  ## the training epoch against a plain PyTorch loop; writes reports
 
 gpu-check:  ## on a GPU machine, PyTorch alone needed: the CUDA tests, the seed's 1000 epochs and the evaluation timed; reports/gpu.json
 	PYTHONPATH=src python3 -m vaelab.gpu_check
+
+LITERATURE_ROWS ?= burda-vae-k1 burda-iwae-k5 seed-network-bias-warmup burda-iwae-k50
+gpu-literature:  ## on a GPU machine, PyTorch alone needed: the literature rows (LITERATURE_ROWS=...), appended to reports/literature.json
+	PYTHONPATH=src python3 -m vaelab.literature run --device cuda $(LITERATURE_ROWS)

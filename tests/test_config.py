@@ -17,6 +17,8 @@ def test_repository_params_are_the_seeds_settings():
         2, 0.3, "adam", 1e-4, 500)
     assert params.device == "auto"
     assert (params.lr_schedule, params.beta, params.kl_warmup_epochs) == ("constant", 1.0, 0)
+    assert (params.architecture, params.objective, params.train_samples, params.output_bias) == (
+        "seed", "elbo", 1, "zero")
 
 
 def test_missing_keys_take_defaults_and_ints_are_accepted_as_floats():
@@ -47,6 +49,12 @@ def test_missing_keys_take_defaults_and_ints_are_accepted_as_floats():
         ({"beta": "high"}, ["beta", "'high'"]),
         ({"kl_warmup_epochs": -5}, ["kl_warmup_epochs", "-5", "from 0"]),
         ({"kl_warmup_epochs": 2.5}, ["kl_warmup_epochs", "2.5"]),
+        ({"architecture": "resnet"}, ["architecture", "'resnet'", "seed, burda"]),
+        ({"objective": "vae"}, ["objective", "'vae'", "elbo, iwae"]),
+        ({"train_samples": 0}, ["train_samples", "0", "from 1 to 5000"]),
+        ({"train_samples": 5.0}, ["train_samples", "5.0", "an integer"]),
+        ({"output_bias": "mean"}, ["output_bias", "'mean'", "zero, data_mean"]),
+        ({"architecture": "burda"}, ["dropout: 0.3 does not apply to architecture: burda", "set dropout: 0"]),
         ([1, 2], ["mapping"]),
     ],
 )

@@ -336,6 +336,45 @@ def test_a_non_boolean_conditional_is_refused_before_any_work(conditional):
     assert "error: params.yaml: conditional: 'maybe' is not allowed; expected true or false" in output
 
 
+LITERATURE_SETTINGS = {"conditional": "false", "architecture": "burda", "dropout": "0", "objective": "iwae",
+                       "train_samples": "3", "output_bias": "data_mean", "binarize": "dynamic"}
+
+
+@pytest.fixture(scope="module")
+def burda_iwae(conditional):
+    """Burda et al.'s network trained with IWAE, k = 3, and the data's output bias, as a user asks for it."""
+    settings = [arg for key, value in LITERATURE_SETTINGS.items() for arg in ("-S", f"{key}={value}")]
+    conditional.run("dvc", "exp", "run", *settings, "--name", "burda-iwae")
+    return conditional
+
+
+def test_burdas_network_with_iwae_trains_evaluates_and_logs_its_settings_and_objective(burda_iwae):
+    metrics = json.loads((burda_iwae / "reports" / "metrics.json").read_text())
+    assert set(metrics) == set(HEADLINE) and metrics["test_iwae_nll"] < metrics["test_neg_elbo"]
+    [run] = [r for r in _runs(burda_iwae) if r.data.tags.get("dvc.exp_name") == "burda-iwae"]
+    assert {key: run.data.params[key] for key in ("architecture", "objective", "train_samples", "output_bias")} == {
+        "architecture": "burda", "objective": "iwae", "train_samples": "3", "output_bias": "data_mean"}
+    client = _client(burda_iwae)
+    objective, elbo = (client.get_metric_history(run.info.run_id, key) for key in ("train_objective", "train_neg_elbo"))
+    assert len(objective) == SMALL["epochs"] and all(o.value < e.value for o, e in zip(objective, elbo))
+    mlflow.set_tracking_uri(f"sqlite:///{burda_iwae / 'mlflow.db'}")
+    drawn = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict(np.zeros((2, 2), dtype=np.float32))
+    assert drawn.shape == (2, 28, 28)
+    burda_iwae.run("vaelab", "compare", "--no-log")
+    groups = pd.read_csv(burda_iwae / "reports" / "compare" / "groups.csv")
+    assert "burda" in set(groups["architecture"]) and "iwae" in set(groups["objective"])
+    assert "seed" in set(groups["architecture"])  # runs logged before, or without, the setting: the seed's network
+
+
+def test_burdas_network_with_the_seeds_dropout_is_refused_before_any_work(burda_iwae):
+    result = subprocess.run(["dvc", "exp", "run", "-S", "dropout=0.3", "-S", "architecture=burda"], cwd=burda_iwae.root,
+                            env=burda_iwae.env, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output
+    assert ("error: params.yaml: dropout: 0.3 does not apply to architecture: burda (Burda et al.'s network has no "
+            "dropout); set dropout: 0, or architecture: seed") in output
+
+
 @pytest.fixture(scope="module")
 def sweep(module_tmp_path, mnist_dir):
     """A grid of latent sizes and seeds, queued in a fresh project (no MLflow experiment yet) and run on two

@@ -57,11 +57,16 @@ def test_a_conditional_run_is_seeded_and_snapshots_the_manifold_under_each_digit
 
 
 @pytest.mark.parametrize("device", CUDA)
-@pytest.mark.parametrize("binarize, conditional", [("none", False), ("dynamic", False), ("dynamic", True)])
-def test_cuda_graph_replays_train_as_the_eager_step_does(mnist, device, binarize, conditional):
+@pytest.mark.parametrize("binarize, overrides", [
+    ("none", {}), ("dynamic", {}), ("dynamic", {"conditional": True}),
+    # through autograd (AutogradStep): Burda et al.'s network with IWAE, and the seed's with k samples and warm-up
+    ("dynamic", {"architecture": "burda", "dropout": 0.0, "objective": "iwae", "train_samples": 5}),
+    ("none", {"objective": "iwae", "train_samples": 3, "kl_warmup_epochs": 3}),
+])
+def test_cuda_graph_replays_train_as_the_eager_step_does(mnist, device, binarize, overrides):
     """Replayed graphs of both batch sizes (after two eager warm-up steps each) against the eager step."""
-    graphs = _small_run(mnist, device=device, binarize=binarize, epochs=4, conditional=conditional)
-    eager = _small_run(mnist, "eager", device=device, binarize=binarize, epochs=4, conditional=conditional)
+    graphs = _small_run(mnist, device=device, binarize=binarize, epochs=4, **overrides)
+    eager = _small_run(mnist, "eager", device=device, binarize=binarize, epochs=4, **overrides)
     for row_graphs, row_eager in zip(graphs.history, eager.history):
         assert row_graphs == pytest.approx(row_eager, rel=1e-4)
     for (name, a), b in zip(graphs.model.state_dict().items(), eager.model.state_dict().values()):

@@ -6,8 +6,9 @@
 The baseline is what a user would write: the same model, in-memory tensors, nn.Dropout, autograd and the
 default torch.optim.Adam. The project's epoch is timed as the train stage runs it: validation, snapshots
 and MLflow logging (to a throwaway SQLite store) included. Both are timed in alternating rounds and the
-medians reported, since a shared machine's speed drifts; each round also times the conditional VAE's epoch
-(`conditional_over_project`: its cost over the seed's). Both run under the train stage's allocator setting
+medians reported, since a shared machine's speed drifts. Each round also times the epoch of each other network
+and objective (`VARIANTS`: the conditional VAE, IWAE and "VAE, k" through autograd, Burda et al.'s network), as
+the train stage runs them, each over the seed's (`variants`), and k = 5 against k = 1. Both run under the train stage's allocator setting
 (`training.reuse_freed_memory`), so that the ratio does not credit the stage with it. Where MLflow is not
 installed (a bare GPU box with torch alone), the project's epochs are timed without logging and the report
 says so. Then the evaluate stage (K = --iwae-samples) and the render stage are timed once, and on a CPU the
@@ -34,6 +35,15 @@ from vaelab.config import Params
 from vaelab.model import IMAGE_PIXELS, SEED_LOSS_SCALE, VAE, ModelConfig, linear, matmul_kernel, resolve_device
 
 HIDDEN = (256, 128)  # the seed's layer widths, encoder order; the decoder mirrors them
+# the other trainings timed beside the seed's in each round: name -> how their params differ from the seed's
+VARIANTS = {
+    "conditional": dict(conditional=True),
+    "seed_iwae_k1": dict(objective="iwae"),  # the seed's network through autograd: the hand-written step's gain
+    "seed_iwae_k5": dict(objective="iwae", train_samples=5),
+    "seed_elbo_k5": dict(train_samples=5),
+    "burda_elbo_k1": dict(architecture="burda", dropout=0.0),
+    "burda_iwae_k5": dict(architecture="burda", dropout=0.0, objective="iwae", train_samples=5),
+}
 
 
 def processor_name(device: torch.device) -> str:
@@ -273,9 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"the importance-sampled bound's matrix products alone (K = {args.iwae_samples}), s: {evaluate_floor}")
 
     labels = tuple(splits[name].labels for name in ("train", "val")) + (splits["test"].labels[snapshot],)
-    conditional_params = dataclasses.replace(params, conditional=True)
     baseline_x = train_x.to(device)  # the plain loop's data set, on the device once for every round
-    baseline, project, conditional, logging_share, faults = [], [], [], [], []
+    baseline, project, logging_share, faults = [], [], [], []
+    variants = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.rounds):
             baseline += baseline_epoch_seconds(params, baseline_x, args.baseline_epochs or args.epochs)
@@ -284,11 +294,12 @@ def main(argv: list[str] | None = None) -> dict:
             project += seconds
             faults.append(epoch_faults)
             logging_share.append(share)
-            conditional += project_epoch_seconds(conditional_params, train_x, val_x, test_x[snapshot],
-                                                 Path(scratch) / "mlflow.db", labels=labels)[0]
+            for name, changes in VARIANTS.items():
+                variants[name] += project_epoch_seconds(dataclasses.replace(params, **changes), train_x, val_x,
+                                                        test_x[snapshot], Path(scratch) / "mlflow.db", labels=labels)[0]
             print(f"round {round_ + 1}: baseline {statistics.median(baseline):.3f} s/epoch, "
                   f"project {statistics.median(project):.3f} s/epoch, "
-                  f"conditional {statistics.median(conditional):.3f} s/epoch")
+                  + ", ".join(f"{name} {statistics.median(s):.3f}" for name, s in variants.items()))
         evaluate, _ = evaluation_seconds(result.model, splits, device, args.iwae_samples)
         frames = len(training.snapshot_epochs(Params().epochs))
         try:
@@ -309,8 +320,11 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline_s_per_epoch": round(base_s, 4),
         "project_s_per_epoch": round(proj_s, 4),
         "ratio": round(proj_s / base_s, 3),
-        "conditional_s_per_epoch": round(statistics.median(conditional), 4),
-        "conditional_over_project": round(statistics.median(conditional) / proj_s, 3),
+        "variants": {name: {"s_per_epoch": round(statistics.median(s), 4),
+                            "over_project": round(statistics.median(s) / proj_s, 3)} for name, s in variants.items()},
+        "k5_over_k1": {"seed_iwae": round(statistics.median(variants["seed_iwae_k5"])
+                                          / statistics.median(variants["seed_iwae_k1"]), 3),
+                       "seed_elbo": round(statistics.median(variants["seed_elbo_k5"]) / proj_s, 3)},
         "project_images_per_s": round(len(train_x) / proj_s),
         "baseline_images_per_s": round(len(train_x) / base_s),
         "gflop_per_epoch": round(gflop, 1),

@@ -9,7 +9,7 @@
 3. the whole evaluation (importance-sampled bound with K = 5000 over the test set) on the GPU, and the
    same evaluation at K = 500 on the GPU and on the CPU, to show how close the two devices' numbers are.
 
-With `--literature` it runs only the README's literature check (3280 epochs, K = 5000), added to `--out`.
+The literature's runs (3280 epochs, K = 5000) are `make gpu-literature` (vaelab.literature).
 
 Writes the figures with the GPU's name to `--out` after each part, so a run cut short keeps what it measured.
 MNIST comes from data/prepared or data/raw (VAELAB_MNIST_MIRROR: a folder with the four files).
@@ -28,9 +28,8 @@ from pathlib import Path
 
 import torch
 
-from vaelab import bench, data, metrics, training
+from vaelab import bench, data, training
 from vaelab.config import Params
-from vaelab.stages import write_rows
 
 CUDA_TESTS = ["tests/test_backprop.py", "tests/test_training.py", "-k", "cuda"]
 
@@ -69,40 +68,6 @@ def compare_devices(model, splits, samples: int) -> dict:
             "cpu_threads": torch.get_num_threads(), "metrics": rows}
 
 
-LITERATURE = Params(latent_dim=50, dropout=0.0, lr=1e-3, lr_schedule="burda", epochs=3280, binarize="dynamic",
-                    iwae_samples=5000, device="cuda")
-
-
-def literature_run(splits, params: Params = LITERATURE) -> tuple[dict, list[dict]]:
-    """The README's literature check as the train and evaluate stages run it: Burda et al.'s schedule and
-    epochs, dynamic binarization, the fixed binarized test set, K = 5000. Returns the figures and history."""
-    inputs = {name: data.model_inputs(splits[name].images, params.binarize, name) for name in data.SPLITS}
-    start = time.perf_counter()
-
-    def show_progress(row):  # the curve so far, also in the log of a run cut short
-        if row["epoch"] % 100 == 0:
-            print(f"epoch {row['epoch']}: lr {row['lr']:.2e}, val negative ELBO {row['val_neg_elbo']:.3f}, "
-                  f"{time.perf_counter() - start:.0f} s", flush=True)
-
-    result = training.train(params, inputs["train"], inputs["val"], inputs["test"][: training.SNAPSHOT_IMAGES],
-                            on_epoch=show_progress)
-    train_s = time.perf_counter() - start
-    device = torch.device(params.device)
-    model = result.model.to(device)
-    train_x = data.model_inputs(splits["train"].images, "static", "train").to(device)
-    start = time.perf_counter()
-    results = metrics.test_results(model, inputs["test"].to(device), splits["test"].labels.to(device), train_x,
-                                   splits["train"].labels.to(device), params.seed, params.iwae_samples)
-    evaluate_s = time.perf_counter() - start
-    keys = ("test_iwae_nll", "test_neg_elbo", "test_elbo_gap", "test_active_units", "test_latent_classifier_accuracy")
-    stage_ends = [row for row in result.history if row["epoch"] in (1, 4, 13, 40, 121, 364, 1093, 3280)]
-    figures = {"params": params.training_dict(), "iwae_samples": params.iwae_samples, "train_s": round(train_s, 1),
-               "evaluate_s": round(evaluate_s, 1), **{k: results[k] for k in keys},
-               "val_neg_elbo_at_stage_ends": {row["epoch"]: round(row["val_neg_elbo"], 3) for row in stage_ends}}
-    print(f"literature: {figures}")
-    return figures, result.history
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("reports/gpu.json"))
@@ -113,14 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--baseline-epochs", type=int, default=10)
     parser.add_argument("--iwae-samples", type=int, default=5000)
     parser.add_argument("--skip", nargs="*", default=[], choices=("tests", "compiled", "devices"))
-    parser.add_argument("--literature", action="store_true",
-                        help="only the literature check (3280 epochs), added to --out; its history beside it")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("PyTorch sees no CUDA GPU; this check is for a GPU machine")
 
     device = torch.device("cuda")
-    report = json.loads(args.out.read_text()) if args.literature and args.out.exists() else {}
+    report = {}
     report.update({"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
                    "command": "make gpu-check"})
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,12 +103,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"{report['gpu']}, torch {report['torch']}, CUDA {report['cuda']}")
     splits = bench._load_splits(Path("data/prepared"))
-    if args.literature:
-        figures, history = attempt("literature", lambda: literature_run(splits)) or (None, None)
-        if figures:
-            save("literature", figures)
-            write_rows(history, args.out.with_name("literature_history.csv"))
-        return report
     if "tests" not in args.skip:
         save("tests", run_cuda_tests())
     save("matmul_gflops", round(bench.matmul_gflops(device), 1))

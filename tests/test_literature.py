@@ -1,0 +1,40 @@
+"""The literature's rows train and evaluate as the stages do, and their record is what docs/literature.md shows."""
+import dataclasses
+import re
+from pathlib import Path
+
+from vaelab import data, literature
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_each_row_is_burda_et_als_setting_with_its_own_network_objective_and_bias():
+    for row in literature.ROWS:
+        params = row.params("cpu")
+        assert (params.latent_dim, params.binarize, params.lr_schedule, params.epochs, params.iwae_samples) == (
+            50, "dynamic", "burda", 3280, 5000)
+        assert row.command().startswith("dvc exp run -S latent_dim=50 ")
+    k50 = literature.BY_NAME["burda-iwae-k50"].params()
+    assert (k50.architecture, k50.objective, k50.train_samples, k50.output_bias) == ("burda", "iwae", 50, "data_mean")
+
+
+def test_a_row_records_what_it_ran_and_what_it_measured(mnist, tmp_path):
+    images, labels = mnist["train"].images, mnist["train"].labels
+    splits = {"train": data.Split(images[:1000], labels[:1000]), "val": data.Split(images[1000:1200], labels[1000:1200]),
+              "test": data.Split(mnist["test"].images[:500], mnist["test"].labels[:500])}
+    row = literature.BY_NAME["burda-iwae-k5"]
+    small = dataclasses.replace(row, changes={**row.changes, "epochs": 2, "iwae_samples": 4, "batch_size": 100})
+    record = literature.run(small, splits, "cpu")
+    assert record["params"]["architecture"] == "burda" and record["params"]["objective"] == "iwae"
+    assert (record["epochs"], record["batch_size"], record["steps"], record["iwae_samples"]) == (2, 100, 20, 4)
+    assert record["test_iwae_nll"] < record["test_neg_elbo"]  # K = 4 tightens the bound
+    assert re.fullmatch(r"[0-9a-f]{40}( \(with uncommitted changes\))?", record["commit"])
+    assert set(record["val_neg_elbo_at_stage_ends"]) == {"1"}  # of 1, 4, 13, ...: epoch 1 only
+    literature.append(record, tmp_path / "literature.json")
+    literature.append(record, tmp_path / "literature.json")
+    assert literature.read(tmp_path / "literature.json") == [record, record]
+
+
+def test_the_docs_table_is_the_committed_record():
+    shown = (REPO / "docs" / "literature.md").read_text()
+    assert literature.table(literature.read(REPO / literature.RECORD)) in shown
