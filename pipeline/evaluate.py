@@ -47,8 +47,8 @@ def main(argv):
         if key in results:
             print(f"{key}: {results[key]:.4f}")
     tracking.add_to_run(model_dir / "run.json", "the test metrics and evaluation.md",
-                        metrics={**results, "iwae_samples": params.iwae_samples},  # the K of test_iwae_nll
-                        artifacts={evaluation_md: None})
+                        metrics=results, artifacts={evaluation_md: None},
+                        tags={"iwae_samples": str(params.iwae_samples)})  # the K of test/iwae_nll
 
 
 if __name__ == "__main__":

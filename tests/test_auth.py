@@ -81,7 +81,7 @@ def _md5(path: Path) -> str:
 
 def test_the_trainer_trains_and_logs_to_the_team_server(server, trained):
     [run] = _runs(server)
-    assert run.info.status == "FINISHED" and "test_iwae_nll" in run.data.metrics
+    assert run.info.status == "FINISHED" and "test/iwae_nll" in run.data.metrics
     assert run.info.run_id in (trained / "models" / "run.json").read_text()
 
 

@@ -140,3 +140,23 @@ def test_the_report_writes_its_tables_and_figures_without_mlflow(tmp_path):
     assert text.startswith("9 runs compared (4 groups") and "differs beyond seed noise" in text
     for name in ("groups.md", "differences.md"):
         assert max(map(len, (tmp_path / name).read_text().splitlines())) <= 120
+
+
+def test_runs_logged_under_the_sectioned_names_and_under_the_keys_before_them_read_alike(tmp_path, monkeypatch):
+    """Since MLflow's run page sections charts by name prefix, runs log `test/neg_elbo` and
+    `learning_curve/val_neg_elbo`; a run logged before that has `test_neg_elbo` and `val_neg_elbo`."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    import mlflow
+    ids = []
+    for names, value in (({"test": "test_neg_elbo", "curve": "val_neg_elbo"}, 100.0),
+                         ({"test": "test/neg_elbo", "curve": "learning_curve/val_neg_elbo"}, 90.0)):
+        with mlflow.start_run() as run:
+            mlflow.log_params({**SETTING, "seed": "0"})
+            mlflow.log_metric(names["test"], value, step=0)
+            for epoch in (1, 2):
+                mlflow.log_metric(names["curve"], value + 10 / epoch, step=epoch)
+        ids.append(run.info.run_id)
+    frame = compare.table(mlflow.search_runs(experiment_names=["Default"]))
+    assert sorted(frame["test_neg_elbo"]) == [90.0, 100.0]
+    points = compare.histories(ids)
+    assert sorted(points["value"]) == [95.0, 100.0, 105.0, 110.0] and set(points["run_id"]) == set(ids)

@@ -88,12 +88,14 @@ def test_repro_logs_one_complete_mlflow_run(repro):
     assert run.data.params["epochs"] == "3" and run.data.params["dropout"] == "0.3"
     commit = run.data.tags["mlflow.source.git.commit"]
     assert len(commit) == 40 and run.info.run_name == f"main@{commit[:7]}"  # branch and commit, not a random name
-    assert {"test_neg_elbo_digit_9", "test_kl_z1"} <= set(run.data.metrics)  # MLflow keeps every number
+    assert {"test_per_digit/neg_elbo_digit_9", "test_per_dimension/kl_z1"} <= set(run.data.metrics)  # every number
+    assert {"learning_curve/train_neg_elbo", "train_schedule/lr", "test/iwae_nll"} <= set(run.data.metrics)
+    assert not [key for key in run.data.metrics if "/" not in key]  # each in its section of the run page
     assert run.data.tags["vaelab.torch_threads"] == str(torch.get_num_threads())
     client = _client(repro)
-    history = client.get_metric_history(run.info.run_id, "val_neg_elbo")
+    history = client.get_metric_history(run.info.run_id, "learning_curve/val_neg_elbo")
     assert [m.step for m in history] == [1, 2, 3]
-    assert run.data.metrics["test_neg_elbo"] == pytest.approx(
+    assert run.data.metrics["test/neg_elbo"] == pytest.approx(
         json.loads((repro / "reports" / "metrics.json").read_text())["test_neg_elbo"])
     figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures")}
     assert {"manifold.gif", "latent_scatter.gif", "manifold.png", "learning_curves.png"} <= figures
@@ -147,10 +149,9 @@ def test_changing_an_evaluation_setting_re_evaluates_into_the_same_run(repro):
     out = repro.run("dvc", "exp", "run", "-S", "iwae_samples=30", "--name", "more-samples")
     assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out
     [run] = _runs(repro)
-    assert "iwae_samples" not in run.data.params  # MLflow params cannot change; K is a metric beside the bound
-    history = _client(repro).get_metric_history(run.info.run_id, "iwae_samples")
-    assert [m.value for m in history] == [SMALL["iwae_samples"], 30]
-    assert len(_client(repro).get_metric_history(run.info.run_id, "test_iwae_nll")) == 2
+    # MLflow params cannot change, so K, which a re-evaluation may change, is a tag beside the bound
+    assert "iwae_samples" not in run.data.params and run.data.tags["iwae_samples"] == "30"
+    assert len(_client(repro).get_metric_history(run.info.run_id, "test/iwae_nll")) == 2
 
 
 def test_experiment_and_queued_experiment_land_in_the_same_store(repro):
@@ -253,6 +254,17 @@ def test_the_mlflow_ui_shows_the_runs_and_the_manifold_gif_in_a_real_browser(rep
         expect(page.get_by_role("heading", name="wide", exact=True)).to_be_visible(timeout=60_000)
         expect(page.get_by_role("row").filter(has_text="latent_dim")).to_contain_text("3")
         page.screenshot(path=str(shots / "2-run.png"))
+        # the run's charts: the learning curves first, then the test numbers, the schedule apart at the end
+        page.get_by_role("tab", name="Model metrics").click()
+        sections = ["learning_curve", "test", "test_per_digit", "test_per_dimension", "train_schedule"]
+        headings = [page.get_by_text(re.compile(rf"^{name} \(\d+\)$")) for name in sections]
+        for heading in headings:
+            expect(heading).to_be_visible(timeout=60_000)
+        tops = [heading.bounding_box()["y"] for heading in headings]
+        assert tops == sorted(tops), dict(zip(sections, tops))
+        expect(page.get_by_text("Model metrics (", exact=False)).to_have_count(0)  # nothing left unsectioned
+        page.screenshot(path=str(shots / "2b-run-charts.png"))
+        page.get_by_role("tab", name="Overview").click()
 
         page.get_by_role("main").get_by_role("link", name="vaelab", exact=True).click()  # the breadcrumb
         expect(page).to_have_url(re.compile(rf"#/experiments/{experiment.experiment_id}/runs(\?|$)"), timeout=60_000)
@@ -307,7 +319,7 @@ def test_a_conditional_experiment_bounds_log_p_x_over_the_labels_and_draws_each_
     assert not plots.get("errors")
 
     [run] = [r for r in _runs(conditional) if r.data.tags.get("dvc.exp_name") == "cvae"]
-    assert run.data.params["conditional"] == "True" and run.data.metrics["test_iwae_nll_given_label"] > 0
+    assert run.data.params["conditional"] == "True" and run.data.metrics["test/iwae_nll_given_label"] > 0
     mlflow.set_tracking_uri(f"sqlite:///{conditional / 'mlflow.db'}")
     decoder = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     drawn = decoder.predict({"z": np.zeros((3, 2), dtype=np.float32), "label": np.array([0, 5, 9])})
@@ -355,7 +367,8 @@ def test_burdas_network_with_iwae_trains_evaluates_and_logs_its_settings_and_obj
     assert {key: run.data.params[key] for key in ("architecture", "objective", "train_samples", "output_bias")} == {
         "architecture": "burda", "objective": "iwae", "train_samples": "3", "output_bias": "data_mean"}
     client = _client(burda_iwae)
-    objective, elbo = (client.get_metric_history(run.info.run_id, key) for key in ("train_objective", "train_neg_elbo"))
+    objective, elbo = (client.get_metric_history(run.info.run_id, f"learning_curve/train_{key}")
+                       for key in ("objective", "neg_elbo"))
     assert len(objective) == SMALL["epochs"] and all(o.value < e.value for o, e in zip(objective, elbo))
     mlflow.set_tracking_uri(f"sqlite:///{burda_iwae / 'mlflow.db'}")
     drawn = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict(np.zeros((2, 2), dtype=np.float32))
@@ -399,8 +412,8 @@ def test_a_queued_grid_on_two_workers_lands_every_experiment_once_and_complete(s
     assert {r.data.tags["vaelab.torch_threads"] for r in runs} == {"1"}  # OMP_NUM_THREADS reached every worker
     client = _client(sweep)
     for run in runs:
-        assert run.info.status == "FINISHED" and "test_neg_elbo" in run.data.metrics
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_neg_elbo")] == [1]
+        assert run.info.status == "FINISHED" and "test/neg_elbo" in run.data.metrics
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "learning_curve/val_neg_elbo")] == [1]
         figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures")}
         assert {"manifold.gif", "latent_scatter.gif"} <= figures
     models = client.search_logged_models([runs[0].info.experiment_id])
@@ -420,7 +433,7 @@ def test_compare_groups_the_seeds_and_reports_what_mlflow_holds(sweep):
     groups = pd.read_csv(folder / "groups.csv")
     assert sorted(groups["latent_dim"]) == [2, 8] and groups["n"].tolist() == [3, 3]
     for row in groups.itertuples():
-        values = [r.data.metrics["test_neg_elbo"] for r in _runs(sweep)
+        values = [r.data.metrics["test/neg_elbo"] for r in _runs(sweep)
                   if r.data.params.get("latent_dim") == str(row.latent_dim) and "vaelab.kind" not in r.data.tags]
         assert len(values) == 3  # computed here, independently, from MLflow
         assert row.test_neg_elbo_mean == pytest.approx(np.mean(values))

@@ -162,7 +162,8 @@ def test_workers_starting_together_on_a_new_sqlite_store_all_get_complete_runs_i
     assert [worker.returncode for worker in workers] == [0] * 4, "\n".join(errors)
     client, runs = _runs(tmp_path)
     assert sorted(e.name for e in client.search_experiments()) == ["Default", "vaelab"] and len(runs) == 4
-    assert all(run.info.status == "FINISHED" and run.data.metrics["val_neg_elbo"] == 150.0 for run in runs)
+    assert all(run.info.status == "FINISHED" and run.data.metrics["learning_curve/val_neg_elbo"] == 150.0
+               for run in runs)
 
 
 def _start_and_wait_for_checkpoint(root: Path) -> subprocess.Popen:
@@ -205,7 +206,7 @@ def test_after_kill_9_the_same_experiment_resumes_its_run_and_ends_bit_for_bit_a
     subprocess.run(TRAIN, cwd=root, env=_env(), check=True, capture_output=True)
     _, after = _runs(root)
     assert [(run.info.run_id, run.info.status) for run in after] == [(runs[0].info.run_id, "FINISHED")]
-    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "val_neg_elbo")}
+    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "learning_curve/val_neg_elbo")}
     assert steps == set(range(1, settings["epochs"] + 1))
     resumed = torch.load(root / "models" / "vae.pt", weights_only=True)["state_dict"]
     uninterrupted = torch.load(whole / "models" / "vae.pt", weights_only=True)["state_dict"]
@@ -242,7 +243,7 @@ def test_a_run_killed_with_9_is_closed_by_the_next_training_whatever_its_paramet
     (root / "params.yaml").write_text(yaml.safe_dump({**Params(device="cpu", batch_size=250).to_dict(), "epochs": 12}))
     _train(root)
     assert client.get_run(killed.info.run_id).info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "val_neg_elbo")]
+    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "learning_curve/val_neg_elbo")]
     assert sorted(steps) == list(range(1, 13))  # every epoch once, across the kill
     assert len(_runs(root)[1]) == 2
 
@@ -288,7 +289,7 @@ def _assert_delivered_once(client: MlflowClient, run_id: str, epochs: int) -> No
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     logged = _epochs_logged(client, run_id)
-    assert {"train_neg_elbo", "val_neg_elbo", "lr"} <= set(logged)
+    assert {"learning_curve/train_neg_elbo", "learning_curve/val_neg_elbo", "train_schedule/lr"} <= set(logged)
     assert all(steps == list(range(1, epochs + 1)) for steps in logged.values()), logged  # each epoch once
     models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
     assert [str(model.status) for model in models] == ["READY"]  # the model, logged once

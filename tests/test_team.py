@@ -110,10 +110,10 @@ def test_runs_live_in_postgresql_and_their_artifacts_in_the_servers_artifact_roo
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     assert [r.data.params["latent_dim"] for r in runs] == ["2", "3"]
-    assert all(r.info.status == "FINISHED" and "test_iwae_nll" in r.data.metrics for r in runs)
+    assert all(r.info.status == "FINISHED" and "test/iwae_nll" in r.data.metrics for r in runs)
     assert runs[1].data.tags["dvc.exp_name"] == "wide"
     assert _psql(team["database"], "select count(*) from runs") == "2"  # the server's store is PostgreSQL
-    assert _psql(team["database"], "select count(distinct step) from metrics where key = 'val_neg_elbo'") == "3"
+    assert _psql(team["database"], "select count(distinct step) from metrics where key = 'learning_curve/val_neg_elbo'") == "3"
 
     for run in runs:  # proxied by the server: clients need no access to the artifact root themselves
         assert run.info.artifact_uri.startswith("mlflow-artifacts:")

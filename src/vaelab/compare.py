@@ -36,6 +36,7 @@ from vaelab import access, store  # noqa: E402
 from vaelab.compare_figures import label, learning_curves, metrics_against_latent_dim  # noqa: E402
 from vaelab.config import Params  # noqa: E402
 from vaelab.stages import StageError  # noqa: E402
+from vaelab.tracking import metric_name  # noqa: E402
 
 # The settings that shape a trained model, from the one schema; where it trained (`device`) is not a setting
 PARAMS = [name for name in Params().training_dict() if name != "device"]
@@ -71,11 +72,15 @@ def training_runs(experiment: str, tags: dict[str, str]) -> pd.DataFrame:
 
 def table(runs: pd.DataFrame) -> pd.DataFrame:
     """Run name and id, the parameters (strings, as MLflow keeps them), and the final test metrics present in any
-    run."""
+    run, each under its key whether the run logged it under its sectioned name (`tracking.metric_name`) or, before
+    those, under the key itself."""
     columns = {"tags.mlflow.runName": "run", "run_id": "run_id"}
     columns |= {f"params.{p}": p for p in PARAMS if f"params.{p}" in runs}
-    columns |= {f"metrics.{m}": m for m in FINAL_METRICS if f"metrics.{m}" in runs}
     frame = runs[list(columns)].rename(columns=columns)
+    for key in FINAL_METRICS:
+        logged = [runs[column] for column in (f"metrics.{metric_name(key)}", f"metrics.{key}") if column in runs]
+        if logged:
+            frame[key] = logged[0] if len(logged) == 1 else logged[0].combine_first(logged[1])
     for name in DEFAULT_WHEN_ABSENT:
         if name in frame:
             frame[name] = frame[name].fillna(str(getattr(Params(), name)))
@@ -83,9 +88,11 @@ def table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def histories(run_ids: list[str], metric: str = CURVE_METRIC) -> pd.DataFrame:
-    """Every logged point of `metric` for these runs, from MLflow: columns run_id, step, value."""
+    """Every logged point of `metric` for these runs, from MLflow (under its sectioned name, or for a run logged
+    before those, under the key): columns run_id, step, value."""
     client = mlflow.tracking.MlflowClient()
-    points = [(run_id, m.step, m.value) for run_id in run_ids for m in client.get_metric_history(run_id, metric)]
+    points = [(run_id, m.step, m.value) for run_id in run_ids
+              for m in client.get_metric_history(run_id, metric_name(metric)) or client.get_metric_history(run_id, metric)]
     return pd.DataFrame(points, columns=["run_id", "step", "value"])
 
 

@@ -49,6 +49,25 @@ PARAMS_TAG, HOST_TAG, PID_TAG = "vaelab.params_digest", "vaelab.host", "vaelab.p
 THREADS_TAG = "vaelab.torch_threads"  # CPU threads of the run (OMP_NUM_THREADS): speed and float rounding
 
 
+def metric_name(key: str) -> str:
+    """The MLflow name of a history or test key (`reports/` keeps the keys). MLflow 3.17's run page and chart
+    view make a section of the charts of each name's part before its last '/', the sections in name order and
+    names without one last, under "Model metrics" (its UI bundle's `extractChartSectionName`). So the learning
+    curves come first, then the test numbers (single values: bar charts), the per-digit and per-dimension
+    values, and the schedule apart at the end."""
+    if key in ("lr", "kl_weight"):
+        return f"train_schedule/{key}"
+    if key.startswith(("train_", "val_")):
+        return f"learning_curve/{key}"
+    if key.startswith("test_neg_elbo_digit_"):
+        return f"test_per_digit/{key.removeprefix('test_')}"
+    if key.startswith("test_kl_z"):
+        return f"test_per_dimension/{key.removeprefix('test_')}"
+    if key.startswith("test_"):
+        return f"test/{key.removeprefix('test_')}"
+    return key
+
+
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
@@ -175,7 +194,7 @@ class TrainingRun:
         """Queue an epoch's metrics; the sender thread delivers them."""
         now = int(time.time() * 1000)
         step = int(row["epoch"])
-        metrics = [Metric(k, float(v), now, step) for k, v in row.items() if k != "epoch"]
+        metrics = [Metric(metric_name(k), float(v), now, step) for k, v in row.items() if k != "epoch"]
         with self._lock:
             self._rows += [(step, metrics)] if metrics else []
 
@@ -335,15 +354,16 @@ def read_run_id(path: Path, required: bool = False) -> str | None:
 
 
 def add_to_run(run_id_file: Path, waiting: str, metrics: dict[str, float] | None = None,
-               artifacts: dict[Path, str | None] | None = None) -> None:
-    """Log a later stage's metrics (at step 0) and files or folders (to their artifact paths) into the run
+               artifacts: dict[Path, str | None] | None = None, tags: dict[str, str] | None = None) -> None:
+    """Log a later stage's metrics (at step 0, under `metric_name`), tags (settings of that stage: unlike params
+    they may change when the stage runs again) and files or folders (to their artifact paths) into the run
     recorded by `train`, waiting for a tracker that is away as `TrainingRun.end` does. A retry resends the
     same metrics, with the same timestamps, which the store keeps once. A missing or damaged `run_id_file` is a
     DamagedInput: the stages check it before their work with `read_run_id(..., required=True)`."""
     run_id = read_run_id(run_id_file, required=True)
     client = open_client()
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+    batch = [Metric(metric_name(k), float(v), now, 0) for k, v in (metrics or {}).items()]
 
     def log() -> None:
         try:
@@ -355,8 +375,8 @@ def add_to_run(run_id_file: Path, waiting: str, metrics: dict[str, float] | None
             raise StageError(f"MLflow run {run_id} (from {run_id_file}) is not in the store {store}; "
                              "re-train to create it there: dvc repro --force train") from None
         with store_lock():
-            if batch:
-                client.log_batch(run_id, metrics=batch)
+            if batch or tags:
+                client.log_batch(run_id, metrics=batch, tags=[RunTag(k, v) for k, v in (tags or {}).items()])
             for path, artifact_path in (artifacts or {}).items():
                 (client.log_artifacts if path.is_dir() else client.log_artifact)(run_id, str(path), artifact_path)
 
