@@ -1,4 +1,4 @@
-"""Stage `train`: train the seed's VAE (or its conditional form), log it to an MLflow run, save weights, snapshots and history.
+"""Stage `train`: train the VAE params.yaml describes, log it to an MLflow run, save weights, snapshots and history.
 
 usage: python pipeline/train.py DATA_DIR MODEL_DIR HISTORY_CSV
 

@@ -8,7 +8,8 @@ default torch.optim.Adam. The project's epoch is timed as the train stage runs i
 and MLflow logging (to a throwaway SQLite store) included. Both are timed in alternating rounds and the
 medians reported, since a shared machine's speed drifts. Each round also times the epoch of each other network
 and objective (`VARIANTS`: the conditional VAE, IWAE and "VAE, k" through autograd, Burda et al.'s network), as
-the train stage runs them, each over the seed's (`variants`), and k = 5 against k = 1. Both run under the train stage's allocator setting
+the train stage runs them, each over the seed's (`variants`), and k = 5 against k = 1. Both run under the train
+stage's allocator setting
 (`training.reuse_freed_memory`), so that the ratio does not credit the stage with it. Where MLflow is not
 installed (a bare GPU box with torch alone), the project's epochs are timed without logging and the report
 says so. Then the evaluate stage (K = --iwae-samples) and the render stage are timed once, and on a CPU the

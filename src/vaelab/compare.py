@@ -91,8 +91,8 @@ def histories(run_ids: list[str], metric: str = CURVE_METRIC) -> pd.DataFrame:
     """Every logged point of `metric` for these runs, from MLflow (under its sectioned name, or for a run logged
     before those, under the key): columns run_id, step, value."""
     client = mlflow.tracking.MlflowClient()
-    points = [(run_id, m.step, m.value) for run_id in run_ids
-              for m in client.get_metric_history(run_id, metric_name(metric)) or client.get_metric_history(run_id, metric)]
+    points = [(run_id, m.step, m.value) for run_id in run_ids for m in
+              client.get_metric_history(run_id, metric_name(metric)) or client.get_metric_history(run_id, metric)]
     return pd.DataFrame(points, columns=["run_id", "step", "value"])
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vaelab import bench, data, metrics, training
-from vaelab.config import Params
+from vaelab.config import Params, ParamsError
 from vaelab.model import resolve_device
 
 RECORD = Path("reports/literature.json")
@@ -53,7 +53,8 @@ class Row:
 ROWS = [
     Row("seed-network", "the seed's network without dropout, zero output bias", {},
         "86.76 (Burda et al., VAE, k = 1)"),
-    Row("seed-network-bias-warmup", f"the seed's network, data-mean output bias, KL warm-up over {WARMUP_EPOCHS} epochs",
+    Row("seed-network-bias-warmup",
+        f"the seed's network, data-mean output bias, KL warm-up over {WARMUP_EPOCHS} epochs",
         dict(output_bias="data_mean", kl_warmup_epochs=WARMUP_EPOCHS), "86.76 (Burda et al., VAE, k = 1)"),
     Row("burda-vae-k1", "Burda et al.'s network, ELBO, k = 1, data-mean output bias", BURDA,
         "86.76 (Burda et al.); 86.31 (nbip/IWAE)", 86.76),
@@ -133,16 +134,24 @@ def table(records: list[dict]) -> str:
              "reproduce |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for record in sorted(records, key=lambda r: order.get(r["name"], len(order))):
         row = BY_NAME[record["name"]]
-        verdict = "" if row.goal is None else f"at most {row.goal}: {'met' if record['test_iwae_nll'] <= row.goal else 'not met'}"
+        met = row.goal is not None and record["test_iwae_nll"] <= row.goal
+        verdict = "" if row.goal is None else f"{_goal(row)}: {'met' if met else 'not met'}"
         lines.append(f"| {record['name']}: {row.what}; {record['epochs']} epochs, batch {record['batch_size']} | "
                      f"{record['test_iwae_nll']:.2f} | {record['test_neg_elbo']:.2f} | "
-                     f"{record['test_active_units']} of {record['params']['latent_dim']} | {verdict} | {row.reference} | "
-                     f"{record['device']}, {record['train_s'] / 60:.0f} min | `python -m vaelab.literature run {row.name}` |")
-    missing = [row for row in ROWS if row.name not in {r["name"] for r in records}]
-    for row in missing:
-        lines.append(f"| {row.name}: {row.what}; not run yet | | | | {'' if row.goal is None else f'at most {row.goal}'} | "
-                     f"{row.reference} | | `python -m vaelab.literature run {row.name}` |")
+                     f"{record['test_active_units']} of {record['params']['latent_dim']} | {verdict} | "
+                     f"{row.reference} | {record['device']}, {record['train_s'] / 60:.0f} min | {_rerun(row)} |")
+    for row in [row for row in ROWS if row.name not in {r["name"] for r in records}]:
+        lines.append(f"| {row.name}: {row.what}; not run yet | | | | {_goal(row)} | {row.reference} | | "
+                     f"{_rerun(row)} |")
     return "\n".join(lines)
+
+
+def _goal(row: Row) -> str:
+    return "" if row.goal is None else f"at most {row.goal}"
+
+
+def _rerun(row: Row) -> str:
+    return f"`python -m vaelab.literature run {row.name}`"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,6 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "table":
         print(table(read(args.out)))
         return
+    try:
+        resolve_device(args.device)
+    except ParamsError as error:
+        parser.error(str(error).removeprefix("params.yaml: "))
     splits = bench._load_splits(args.data)
     for name in args.names:
         record = run(BY_NAME[name], splits, args.device)

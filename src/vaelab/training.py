@@ -282,14 +282,15 @@ def train(
     step_mode: str | None = None,
     labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train the seed's VAE, or with `params.conditional` its conditional form, on float images (n, 784);
-    returns the model, per-epoch history and snapshots. `labels` are the digits (train, val, snapshot) of the
+    """Train the VAE that `params` describe (the seed's network or Burda et al.'s, conditional or not, with the
+    ELBO or IWAE over `train_samples` samples, the output bias at zero or the data's logits) on float images
+    (n, 784); returns the model, per-epoch history and snapshots. `labels` are the digits (train, val, snapshot) of the
     three sets of images: a conditional VAE takes them beside the images, the seed's ignores them.
 
     Each history row holds the epoch, its learning rate `lr` and `kl_weight`, and for `train_` and `val_`:
     the seed's scaled `loss` and the negative ELBO, reconstruction and KL terms in nats per image (the true
-    ELBO whatever the KL weight), and `train_objective`, what the epoch minimised (reconstruction +
-    kl_weight * KL). `on_epoch` gets each row as its epoch ends. With `checkpointing`, a run whose checkpoint
+    ELBO whatever the KL weight and objective), and `train_objective`, what the epoch minimised
+    (`objective_terms`). `on_epoch` gets each row as its epoch ends. With `checkpointing`, a run whose checkpoint
     exists continues from it, with the same result as if it had never stopped, and `on_epoch` first gets
     the restored rows again (for a tracker that may not have them all). `step_mode` is the TrainingStep's:
     by default `graphs` on a GPU and `eager` on the CPU; the benchmark times the others.
