@@ -11,7 +11,8 @@ import json
 from tqdm import tqdm
 
 from vaelab import access, config, data, metrics, tracking
-from vaelab.model import load_vae, resolve_device
+from vaelab.model import resolve_device
+from vaelab.saved_model import load_vae
 from vaelab.stages import atomic_file, check_writable, paths, run_stage, write_rows
 
 

@@ -8,7 +8,9 @@ import torch
 
 from vaelab import access, data, figures, metrics, tracking
 from vaelab.config import load
-from vaelab.model import DIGITS, load_vae, manifold_images
+from vaelab.manifold import manifold_images
+from vaelab.model import DIGITS
+from vaelab.saved_model import load_vae
 from vaelab.stages import atomic_dir, check_writable, paths, read_history, read_snapshots, run_stage
 
 RECONSTRUCTED_DIGITS = 10

@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from vaelab import access, config, data, tracking, training
-from vaelab.model import resolve_device, save_vae
+from vaelab.model import resolve_device
+from vaelab.saved_model import save_vae
 from vaelab.stages import StageError, atomic_file, check_writable, paths, project_root, run_stage, write_rows
 
 CHECKPOINT_SECONDS = float(os.environ.get("VAELAB_CHECKPOINT_SECONDS", 60))

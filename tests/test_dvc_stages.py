@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from vaelab import data, tracking
-from vaelab.model import load_vae
+from vaelab.saved_model import load_vae
 from vaelab.stages import read_history, read_snapshots
 
 ROOT = Path(__file__).resolve().parents[1]

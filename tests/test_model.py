@@ -7,11 +7,12 @@ from torch.distributions import Normal, kl_divergence
 
 from vaelab.config import ParamsError
 from vaelab.data import DamagedInput
+from vaelab.manifold import manifold_grid, manifold_latents
 from vaelab.model import (
     KERAS_LEAKY_SLOPE, MATMUL_KERNELS, SEED_LOSS_SCALE, VAE, FoldedDecoder, LabelMismatch, ModelConfig,
-    kl_to_standard_normal,
-    linear, load_vae, manifold_grid, manifold_latents, matmul_kernel, negative_elbo, save_vae,
+    kl_to_standard_normal, linear, matmul_kernel, negative_elbo,
 )
+from vaelab.saved_model import load_vae, save_vae
 
 ONEDNN = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 KERNELS = ["mm", pytest.param("onednn", marks=ONEDNN)]

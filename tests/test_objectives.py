@@ -9,8 +9,8 @@ from torch import nn
 from vaelab import data
 from vaelab.backprop import FastStep
 from vaelab.config import Params, ParamsError
-from vaelab.model import (VAE, FoldedDecoder, ModelConfig, data_mean_logits, load_vae, objective_terms,
-                          sample_posterior, save_vae)
+from vaelab.model import VAE, FoldedDecoder, ModelConfig, data_mean_logits, objective_terms, sample_posterior
+from vaelab.saved_model import load_vae, save_vae
 from vaelab.training import AutogradStep, train
 
 NETWORKS = [ModelConfig(50, 0.0, architecture="burda"), ModelConfig(5, 0.3), ModelConfig(3, 0.0, True, "burda")]

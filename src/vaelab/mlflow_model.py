@@ -10,7 +10,8 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 import vaelab
-from vaelab.model import DIGITS, LabelMismatch, ModelConfig, load_vae
+from vaelab.model import DIGITS, LabelMismatch, ModelConfig
+from vaelab.saved_model import load_vae
 from vaelab.store import store_lock
 
 

@@ -23,12 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaelab.config import ARCHITECTURES, OBJECTIVES, ParamsError
-from vaelab.data import DamagedInput, load_archive
 
 IMAGE_PIXELS = 28 * 28
 SEED_LOSS_SCALE = 2 * IMAGE_PIXELS  # the seed divides the per-image negative ELBO by 2 * 28 * 28
 DIGITS = 10  # the labels of a conditional VAE
-MANIFOLD_SIZE = 15  # the seed's manifold: a 15 x 15 grid of decoded digits
 KERAS_BN = dict(eps=1e-3, momentum=0.01)
 KERAS_LEAKY_SLOPE = 0.3
 BURDA_HIDDEN = 200  # both hidden layers of Burda et al.'s encoder and decoder
@@ -384,40 +382,6 @@ def data_mean_logits(images: torch.Tensor) -> torch.Tensor:
     return torch.logit(means).to(images.dtype)
 
 
-def manifold_grid(size: int = MANIFOLD_SIZE) -> torch.Tensor:
-    """The seed's grid: norm.ppf(linspace(0.05, 0.95, size)) on each axis."""
-    return torch.special.ndtri(torch.linspace(0.05, 0.95, size, dtype=torch.float64)).float()
-
-
-def manifold_latents(latent_dim: int, size: int = MANIFOLD_SIZE) -> torch.Tensor:
-    """(size*size, latent_dim) latents: row i varies the second dimension, column j the first; others 0."""
-    grid = manifold_grid(size)
-    z = torch.zeros(size * size, latent_dim)
-    z[:, 0] = grid.repeat(size)
-    if latent_dim > 1:
-        z[:, 1] = grid.repeat_interleave(size)
-    return z
-
-
-def manifold_image(model: VAE, size: int = MANIFOLD_SIZE, label: int | None = None) -> torch.Tensor:
-    """The decoded size x size grid (under the digit `label`, for a conditional VAE) as one uint8 image, tiles
-    placed as the seed's draw_manifold does."""
-    device = next(model.parameters()).device
-    z = manifold_latents(model.config.latent_dim, size).to(device)
-    labels = None if label is None else torch.full((len(z),), label, device=device)
-    digits = model.decode(z, labels)
-    tiles = digits.reshape(size, size, 28, 28).permute(0, 2, 1, 3).reshape(size * 28, size * 28)
-    return (tiles * 255).round().to(torch.uint8).cpu()
-
-
-def manifold_images(model: VAE, size: int = MANIFOLD_SIZE) -> torch.Tensor:
-    """The seed's manifold (size*28, size*28), or for a conditional VAE the same z grid decoded under each
-    digit (10, size*28, size*28); uint8."""
-    if not model.config.conditional:
-        return manifold_image(model, size)
-    return torch.stack([manifold_image(model, size, digit) for digit in range(DIGITS)])
-
-
 def resolve_device(name: str) -> torch.device:
     """The `device` parameter as a torch device: `auto` is the GPU where PyTorch sees one."""
     if name == "auto":
@@ -425,54 +389,3 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ParamsError("params.yaml: device: 'cuda' was asked for, but PyTorch sees no CUDA GPU; use auto or cpu")
     return torch.device(name)
-
-
-def save_vae(model: VAE, path) -> None:
-    """Weights and their config in one file that `torch.load(..., weights_only=True)` reads. The seed's VAE
-    keeps the file of earlier versions (no `conditional` or `architecture` key), so its bytes, and DVC's hash,
-    stay the same."""
-    config = {"latent_dim": model.config.latent_dim, "dropout": model.config.dropout}
-    if model.config.conditional:
-        config["conditional"] = True
-    if model.config.architecture != "seed":
-        config["architecture"] = model.config.architecture
-    torch.save({"config": config, "state_dict": model.state_dict()}, path)
-
-
-def load_vae(path, conditional: bool | None = None, architecture: str | None = None) -> VAE:
-    """A saved VAE in eval mode, loaded weights-only (no pickled code runs). A missing, damaged or foreign file is a
-    DamagedInput that names it. With `conditional` or `architecture` (params.yaml's), a model of another kind is a
-    ParamsError that names the file and both kinds."""
-    saved = load_archive(path, "train")
-    config = saved.get("config") if isinstance(saved, dict) else None
-    if not isinstance(config, dict) or not isinstance(saved.get("state_dict"), dict):
-        raise DamagedInput(path, "is not a saved vaelab model (no config/state_dict)", "train")
-    if problem := _saved_config_problem(config):
-        raise DamagedInput(path, f"is not a saved vaelab model ({problem})", "train")
-    model = VAE(ModelConfig(**config))
-    if conditional is not None and conditional != model.config.conditional:
-        raise ParamsError(f"{path} holds a VAE that is {model.config.kind}, but params.yaml has conditional: "
-                          f"{str(conditional).lower()}; run the train stage again (dvc repro) to train that one")
-    if architecture is not None and architecture != model.config.architecture:
-        raise ParamsError(f"{path} holds a VAE of architecture {model.config.architecture}, but params.yaml has "
-                          f"architecture: {architecture}; run the train stage again (dvc repro) to train that one")
-    try:
-        model.load_state_dict(saved["state_dict"])
-    except RuntimeError:  # missing or unexpected keys, or tensors of other shapes
-        fitted = f"latent_dim {model.config.latent_dim}, {model.config.kind}, the {model.config.architecture} network"
-        raise DamagedInput(path, f"holds weights that do not fit its saved config ({fitted})", "train") from None
-    return model.eval()
-
-
-def _saved_config_problem(config: dict) -> str | None:
-    """Why `config` is not one that `save_vae` writes (a latent_dim, a dropout, perhaps conditional and an
-    architecture), or None."""
-    keys = ("latent_dim", "dropout", "conditional", "architecture")
-    if unknown := sorted(str(key) for key in config if key not in keys):
-        return f"its config has {', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}"
-    latent_dim, dropout, conditional, architecture = (config.get(k) for k in keys)
-    if not (type(latent_dim) is int and latent_dim >= 1 and type(dropout) in (int, float) and 0 <= dropout < 1
-            and type(conditional) in (type(None), bool) and architecture in (None, *ARCHITECTURES)
-            and not (architecture == "burda" and dropout)):
-        return f"its config is {config}"
-    return None

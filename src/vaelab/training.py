@@ -18,8 +18,9 @@ import torch
 
 from vaelab.config import Params
 from vaelab.backprop import FastStep
-from vaelab.model import (MANIFOLD_SIZE, SEED_LOSS_SCALE, VAE, ModelConfig, data_mean_logits, encode_in_batches,
-                          manifold_images, negative_elbo, objective_terms, resolve_device)
+from vaelab.manifold import MANIFOLD_SIZE, manifold_images
+from vaelab.model import (SEED_LOSS_SCALE, VAE, ModelConfig, data_mean_logits, encode_in_batches, negative_elbo,
+                          objective_terms, resolve_device)
 
 # A conditional VAE's snapshot holds ten manifolds, one per digit, on a 5 x 5 grid each: about the pixels of the
 # seed's one 15 x 15 manifold, so that the snapshots file and the animation stay the size they are.
