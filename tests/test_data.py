@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vaelab import data
+from vaelab import bench, data, literature
 
 
 def test_parses_the_original_files(mnist):
@@ -121,3 +121,25 @@ def test_a_split_that_is_not_one_prepare_writes_is_named_with_its_cure(tmp_path,
     path = tmp_path / "train.pt"
     assert str(error.value).startswith(f"{path} {problem}")
     assert str(error.value).endswith(f"; dvc checkout -f {path} restores it")
+
+
+@pytest.mark.parametrize("tool", [bench.main, literature.main])
+def test_a_tool_without_mnist_says_so_in_one_line_and_writes_nothing(tool, tmp_path, monkeypatch, capsys):
+    """The benchmark and the literature rows run where the prepare stage has not (a GPU box, a fresh clone)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(data.MIRROR_ENV, str(tmp_path / "empty"))
+    arguments = ["--out", "out.json"] if tool is bench.main else ["run", "burda-vae-k1", "--out", "out.json"]
+    with pytest.raises(SystemExit) as exit_:
+        tool(arguments)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.count("\n") == 1
+    assert error.startswith("error: MNIST file train-images-idx3-ubyte.gz could not be fetched from ")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_a_tool_reads_the_prepare_stages_splits_where_they_are(mnist, tmp_path):
+    for name in data.SPLITS[1:]:
+        data.save_split(mnist["test"], tmp_path / f"{name}.pt")
+    data.save_split(mnist["train"], tmp_path / "train.pt")
+    splits = data.load_or_prepare(tmp_path, val_size=1, seed=0, raw_dir=tmp_path / "no-such-folder")
+    assert torch.equal(splits["val"].images, mnist["test"].images) and len(splits["train"].labels) == 60000

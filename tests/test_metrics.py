@@ -10,7 +10,7 @@ from vaelab import data
 from vaelab.config import Params
 from vaelab import metrics
 from vaelab.metrics import elbo_metrics, importance_log_likelihood, log_likelihood_per_label, marginal_log_likelihood
-from vaelab.model import reconstruction_nll, reconstruction_nll_
+from vaelab.model import reconstruction_nll, reconstruction_nll_, sample_posterior
 from vaelab.training import train
 
 
@@ -104,6 +104,18 @@ def test_the_estimate_equals_the_plainly_written_bound(one_dim_model, mnist, bin
     torch.manual_seed(5)
     torch.testing.assert_close(estimate, _reference_importance_log_likelihood(one_dim_model, x, 1000),
                                rtol=1e-5, atol=1e-3)
+
+
+@torch.no_grad()
+def test_the_estimate_is_the_training_objectives_importance_weights_at_kl_weight_1(one_dim_model, mnist):
+    """Evaluation's chunked bound and IWAE's training objective are one definition, `PosteriorSamples.log_weights`:
+    for one image the two draw the same z from the same seed."""
+    for image in data.to_float(mnist["test"].images[:5]):
+        torch.manual_seed(7)
+        estimate = importance_log_likelihood(one_dim_model, image[None], samples=500, block_rows=300)
+        torch.manual_seed(7)
+        log_weights = sample_posterior(one_dim_model, image[None], None, samples=500).log_weights()
+        torch.testing.assert_close(estimate, torch.logsumexp(log_weights, dim=0) - math.log(500), rtol=1e-5, atol=1e-3)
 
 
 def test_the_estimate_is_above_the_elbo_and_grows_with_k(one_dim_model, mnist):

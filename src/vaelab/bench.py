@@ -242,12 +242,6 @@ def render_seconds(result, labels: torch.Tensor, test_x: torch.Tensor, frames: i
     return time.perf_counter() - start
 
 
-def _load_splits(data_dir: Path) -> dict[str, data.Split]:
-    if all((data_dir / f"{name}.pt").exists() for name in data.SPLITS):
-        return {name: data.load_split(data_dir, name) for name in data.SPLITS}
-    return data.prepare(Path("data/raw"), val_size=Params().val_size, seed=Params().seed)
-
-
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
@@ -271,7 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     params = Params(device=device.type, epochs=args.epochs)
     training.reuse_freed_memory()
-    splits = _load_splits(args.data)
+    try:
+        splits = data.load_or_prepare(args.data, params.val_size, params.seed)
+    except data.DataError as error:
+        parser.exit(2, f"error: {error}\n")
     train_x, val_x, test_x = (data.to_float(splits[name].images) for name in data.SPLITS)
     snapshot = slice(0, training.SNAPSHOT_IMAGES)
     print(f"{processor_name(device)}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")

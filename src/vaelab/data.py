@@ -177,6 +177,14 @@ def prepare(raw_dir: Path, val_size: int, seed: int, mirror: str | None = None) 
     return {"train": train, "val": val, "test": sets["test"]}
 
 
+def load_or_prepare(data_dir: Path, val_size: int, seed: int, raw_dir: Path = Path("data/raw")) -> dict[str, Split]:
+    """The prepare stage's splits from `data_dir`, or, for tools run where the stage has not (a GPU box, a fresh
+    clone), the same splits made from MNIST in `raw_dir` (fetched, or copied from $VAELAB_MNIST_MIRROR)."""
+    if all((Path(data_dir) / f"{name}.pt").exists() for name in SPLITS):
+        return {name: load_split(data_dir, name) for name in SPLITS}
+    return prepare(raw_dir, val_size=val_size, seed=seed)
+
+
 def save_split(split: Split, path: Path) -> None:
     torch.save({"images": split.images, "labels": split.labels}, path)
 

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             return None
 
     print(f"{report['gpu']}, torch {report['torch']}, CUDA {report['cuda']}")
-    splits = bench._load_splits(Path("data/prepared"))
+    splits = data.load_or_prepare(Path("data/prepared"), Params().val_size, Params().seed)
     if "tests" not in args.skip:
         save("tests", run_cuda_tests())
     save("matmul_gflops", round(bench.matmul_gflops(device), 1))

@@ -173,7 +173,10 @@ def main(argv: list[str] | None = None) -> None:
         resolve_device(args.device)
     except ParamsError as error:
         parser.error(str(error).removeprefix("params.yaml: "))
-    splits = bench._load_splits(args.data)
+    try:
+        splits = data.load_or_prepare(args.data, Params().val_size, Params().seed)
+    except data.DataError as error:
+        parser.exit(2, f"error: {error}\n")
     for name in args.names:
         record = run(BY_NAME[name], splits, args.device)
         append(record, args.out)
