@@ -2,6 +2,8 @@
 that script imports (directly or through other modules), so editing any code a stage runs re-runs it, and
 editing code it does not run leaves it cached."""
 import ast
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -49,16 +51,33 @@ def _stages() -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
+def _script(stage: dict) -> str:
+    words = stage["cmd"].split()
+    return words[words.index("python") + 1]
+
+
 def test_stages_map_one_to_one_onto_pipeline_scripts():
-    scripts = {name: stage["cmd"].split()[1] for name, stage in _stages().items()}
+    scripts = {name: _script(stage) for name, stage in _stages().items()}
     assert scripts == {path.stem: f"pipeline/{path.name}" for path in (ROOT / "pipeline").glob("*.py")}
     for name, stage in _stages().items():
         assert scripts[name] in stage["deps"], f"stage {name} does not depend on its own script"
 
 
+def test_each_stage_runs_the_library_beside_it_not_the_installed_one(tmp_path):
+    """A queued experiment runs in a copy of the workspace; its stages must import that copy's src/, the code
+    DVC hashed when it was queued, not the editable install that follows the workspace's later edits."""
+    copy = tmp_path / "queued-copy"
+    for folder in ("pipeline", "src"):
+        shutil.copytree(ROOT / folder, copy / folder)
+    (copy / "src" / "vaelab" / "__init__.py").write_text('raise SystemExit("the copy\'s own library")\n')
+    for name, stage in _stages().items():
+        result = subprocess.run(stage["cmd"], shell=True, cwd=copy, capture_output=True, text=True)
+        assert (result.returncode, result.stderr.strip()) == (1, "the copy's own library"), name
+
+
 def test_each_stage_depends_on_exactly_the_library_code_it_runs():
     for name, stage in _stages().items():
-        script = stage["cmd"].split()[1]
+        script = _script(stage)
         declared = {dep for dep in stage["deps"] if dep.startswith("src/")}
         assert declared == library_closure(ROOT / script), f"stage {name}: deps in dvc.yaml"
 

@@ -413,7 +413,8 @@ def test_evaluate_and_render_wait_for_a_server_away_and_then_name_what_waits(tmp
 
 def _stage_command(stage: str) -> list[str]:
     """The stage's command in dvc.yaml, run by this Python on this checkout's script."""
-    _, script, *args = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"].split()
+    words = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"].split()
+    script, *args = words[words.index("python") + 1:]
     return [sys.executable, str(REPO / script), *args]
 
 
