@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vaelab import bench, data, literature
+from vaelab import bench, data, gpu_check, literature
 
 
 def test_parses_the_original_files(mnist):
@@ -123,12 +123,15 @@ def test_a_split_that_is_not_one_prepare_writes_is_named_with_its_cure(tmp_path,
     assert str(error.value).endswith(f"; dvc checkout -f {path} restores it")
 
 
-@pytest.mark.parametrize("tool", [bench.main, literature.main])
+@pytest.mark.parametrize("tool", [bench.main, literature.main, gpu_check.main])
 def test_a_tool_without_mnist_says_so_in_one_line_and_writes_nothing(tool, tmp_path, monkeypatch, capsys):
-    """The benchmark and the literature rows run where the prepare stage has not (a GPU box, a fresh clone)."""
+    """The benchmark, the GPU check and the literature rows run where the prepare stage has not (a GPU box, a
+    fresh clone)."""
     monkeypatch.chdir(tmp_path)
+    if tool is gpu_check.main:  # it asks for a GPU first, then reads the data before it touches the GPU
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv(data.MIRROR_ENV, str(tmp_path / "empty"))
-    arguments = ["--out", "out.json"] if tool is bench.main else ["run", "burda-vae-k1", "--out", "out.json"]
+    arguments = ["run", "burda-vae-k1", "--out", "out.json"] if tool is literature.main else ["--out", "out.json"]
     with pytest.raises(SystemExit) as exit_:
         tool(arguments)
     error = capsys.readouterr().err

@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("PyTorch sees no CUDA GPU; this check is for a GPU machine")
+    try:
+        splits = data.load_or_prepare(Path("data/prepared"), Params().val_size, Params().seed)
+    except data.DataError as error:
+        parser.exit(2, f"error: {error}\n")
 
     device = torch.device("cuda")
     report = {}
@@ -102,7 +106,6 @@ def main(argv: list[str] | None = None) -> dict:
             return None
 
     print(f"{report['gpu']}, torch {report['torch']}, CUDA {report['cuda']}")
-    splits = data.load_or_prepare(Path("data/prepared"), Params().val_size, Params().seed)
     if "tests" not in args.skip:
         save("tests", run_cuda_tests())
     save("matmul_gflops", round(bench.matmul_gflops(device), 1))
