@@ -16,6 +16,8 @@ def test_each_row_is_burda_et_als_setting_with_its_own_network_objective_and_bia
         assert row.command().startswith("dvc exp run -S latent_dim=50 ")
     k50 = literature.BY_NAME["burda-iwae-k50"].params()
     assert (k50.architecture, k50.objective, k50.train_samples, k50.output_bias) == ("burda", "iwae", 50, "data_mean")
+    batch20, k1 = (literature.BY_NAME[name].params() for name in ("burda-vae-k1-batch20", "burda-vae-k1"))
+    assert batch20.batch_size == 20 and dataclasses.replace(batch20, batch_size=k1.batch_size) == k1
 
 
 def test_a_row_records_what_it_ran_and_what_it_measured(mnist, tmp_path):
