@@ -159,9 +159,10 @@ def _rerun(row: Row) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="train and evaluate rows; append their records")
+    run_parser = commands.add_parser("run", help="train and evaluate rows; append their records",
+                                     formatter_class=argparse.RawTextHelpFormatter)  # one row name a line
     run_parser.add_argument("names", nargs="+", choices=list(BY_NAME), metavar="NAME",
-                            help=f"one or more of: {', '.join(BY_NAME)}")
+                            help="one or more of:\n" + "\n".join(BY_NAME))
     run_parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     run_parser.add_argument("--data", type=Path, default=Path("data/prepared"))
     run_parser.add_argument("--out", type=Path, default=RECORD)
