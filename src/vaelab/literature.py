@@ -6,7 +6,8 @@
 Each row trains and evaluates as the train and evaluate stages do (the same `training.train` and
 `metrics.test_results`): latent 50, dynamic binarization, Burda et al.'s learning-rate schedule over their 3280
 epochs, the fixed binarized test set and K = 5000. vaelab's batch is 500 images, so a row makes 360 k steps where
-the paper's batch of 20 makes 9.8 M (the row `burda-vae-k1-batch20`); the record says what each row did.
+the paper's batch of 20 makes 9.8 M (`burda-vae-k1-batch20` uses it: 9.0 M on vaelab's 55,000 training images);
+the record says what each row did.
 Importable with torch alone: `make gpu-literature` runs the rows on a GPU box (no MLflow, DVC or git there).
 """
 from __future__ import annotations
