@@ -3,6 +3,9 @@
     python -m vaelab.literature run NAME [--device auto]   # train and evaluate one row; append its record
     python -m vaelab.literature table                       # the record as the Markdown table of docs/literature.md
 
+A row stopped midway (Ctrl-C, a kill, the end of a session) continues from its checkpoint in .vaelab/literature/
+when run again, with the result it would have had without the stop; its record says where it resumed.
+
 Each row trains and evaluates as the train and evaluate stages do (the same `training.train` and
 `metrics.test_results`): latent 50, dynamic binarization, Burda et al.'s learning-rate schedule over their 3280
 epochs, the fixed binarized test set and K = 5000. vaelab's batch is 500 images, so a row makes 360 k steps where
@@ -16,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +31,8 @@ from vaelab.config import Params, ParamsError
 from vaelab.model import resolve_device
 
 RECORD = Path("reports/literature.json")
+CHECKPOINTS = Path(".vaelab/literature")
+CHECKPOINT_SECONDS = 60.0  # a stop costs at most this much training again
 # What every row shares: Burda et al.'s latent size, data, schedule and evaluation, without the seed's dropout
 SHARED = dict(latent_dim=50, dropout=0.0, lr=1e-3, lr_schedule="burda", epochs=3280, binarize="dynamic",
               iwae_samples=5000)
@@ -81,23 +87,41 @@ def commit() -> str:
         return os.environ.get("VAELAB_COMMIT", "unknown")
 
 
-def run(row: Row, splits: dict[str, data.Split], device: str = "auto") -> dict:
-    """Train and evaluate `row` as the stages do; returns its record. Prints the curve every 100 epochs."""
+def run(row: Row, splits: dict[str, data.Split], device: str = "auto", checkpoints: Path = CHECKPOINTS) -> dict:
+    """Train and evaluate `row` as the stages do; returns its record. Prints the curve every 100 epochs.
+    A checkpoint in `checkpoints` of an earlier, stopped run of the same row and settings is continued."""
     params = row.params(device)
     torch_device = resolve_device(params.device)
     inputs = {name: data.model_inputs(splits[name].images, params.binarize, name) for name in data.SPLITS}
     labels = tuple(splits[name].labels for name in ("train", "val")) + (
         splits["test"].labels[: training.SNAPSHOT_IMAGES],)
-    start = time.perf_counter()
+    folder = checkpoint_folder(row, params, checkpoints)
+    checkpoint, progress_file = folder / "state.pt", folder / "progress.json"
+    # the training seconds of earlier, stopped runs (epochs trained again after a stop included) and the epochs
+    # they resumed at: only meaningful beside their checkpoint
+    progress = {"train_s": 0.0, "resumed_at": []}
+    if checkpoint.exists():
+        progress = json.loads(progress_file.read_text()) if progress_file.exists() else progress
+        progress["resumed_at"].append(training.checkpoint_epoch(checkpoint))
+        print(f"{row.name}: continuing from its checkpoint {checkpoint} at epoch {progress['resumed_at'][-1]} "
+              f"({progress['train_s'] / 60:.0f} min of training before)", flush=True)
+    replayed = progress["resumed_at"][-1] if progress["resumed_at"] else 0
+    train_s_before, start = progress["train_s"], time.perf_counter()
 
-    def show_progress(row_):
+    def on_epoch(row_):
+        if row_["epoch"] <= replayed:  # a resumed run first hands back the checkpoint's rows
+            return
+        progress["train_s"] = train_s_before + time.perf_counter() - start
+        folder.mkdir(parents=True, exist_ok=True)
+        progress_file.write_text(json.dumps(progress))
         if row_["epoch"] % 100 == 0 or row_["epoch"] == params.epochs:
             print(f"{row.name}: epoch {row_['epoch']}/{params.epochs}, lr {row_['lr']:.2e}, val negative ELBO "
-                  f"{row_['val_neg_elbo']:.3f}, {time.perf_counter() - start:.0f} s", flush=True)
+                  f"{row_['val_neg_elbo']:.3f}, {progress['train_s']:.0f} s", flush=True)
 
     result = training.train(params, inputs["train"], inputs["val"], inputs["test"][: training.SNAPSHOT_IMAGES],
-                            on_epoch=show_progress, labels=labels)
-    train_s = time.perf_counter() - start
+                            on_epoch=on_epoch, labels=labels,
+                            checkpointing=training.Checkpointing(checkpoint, CHECKPOINT_SECONDS))
+    train_s = train_s_before + time.perf_counter() - start
     model = result.model.to(torch_device)
     train_x = data.model_inputs(splits["train"].images, "static", "train").to(torch_device)
     start = time.perf_counter()
@@ -113,7 +137,13 @@ def run(row: Row, splits: dict[str, data.Split], device: str = "auto") -> dict:
         "date": datetime.date.today().isoformat(), "command": f"python -m vaelab.literature run {row.name}",
         "val_neg_elbo_at_stage_ends": {str(r["epoch"]): round(r["val_neg_elbo"], 3) for r in result.history
                                        if r["epoch"] in STAGE_ENDS},
+        "resumed_at": progress["resumed_at"],  # the checkpoints' epochs it continued from, none for one go
     }
+
+
+def checkpoint_folder(row: Row, params: Params, checkpoints: Path = CHECKPOINTS) -> Path:
+    """Where a run of `row` keeps its checkpoint: a change of any training setting starts afresh."""
+    return checkpoints / f"{row.name}-{params.digest()}"
 
 
 def read(path: Path = RECORD) -> list[dict]:
@@ -184,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.names:
         record = run(BY_NAME[name], splits, args.device)
         append(record, args.out)
+        shutil.rmtree(checkpoint_folder(BY_NAME[name], BY_NAME[name].params(args.device)), ignore_errors=True)
         print(json.dumps({k: v for k, v in record.items() if k != "params"}), flush=True)
 
 

@@ -383,6 +383,11 @@ def _save(path: Path, epoch, model, optimizer, shuffle, history, snapshots: Snap
     os.replace(partial, path)  # a kill mid-write leaves the previous checkpoint intact
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """The last epoch a checkpoint holds: training continues after it."""
+    return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+
+
 def _restore(path: Path, model, optimizer, shuffle, history, snapshots: Snapshots) -> int:
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
