@@ -76,3 +76,4 @@ def test_a_stopped_row_continues_from_its_checkpoint_to_the_record_of_an_unstopp
     measured = ("test_iwae_nll", "test_neg_elbo", "test_active_units", "val_neg_elbo_at_stage_ends")
     assert {key: resumed[key] for key in measured} == {key: unstopped[key] for key in measured}
     assert resumed["train_s"] > 0
+    assert " min in 2 runs |" in literature.table([resumed]) and " runs |" not in literature.table([unstopped])

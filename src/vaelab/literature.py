@@ -29,6 +29,7 @@ from pathlib import Path
 from vaelab import bench, data, metrics, training
 from vaelab.config import Params, ParamsError
 from vaelab.model import resolve_device
+from vaelab.stages import EXIT_INTERRUPTED
 
 RECORD = Path("reports/literature.json")
 CHECKPOINTS = Path(".vaelab/literature")
@@ -104,7 +105,7 @@ def run(row: Row, splits: dict[str, data.Split], device: str = "auto", checkpoin
         progress = json.loads(progress_file.read_text()) if progress_file.exists() else progress
         progress["resumed_at"].append(training.checkpoint_epoch(checkpoint))
         print(f"{row.name}: continuing from its checkpoint {checkpoint} at epoch {progress['resumed_at'][-1]} "
-              f"({progress['train_s'] / 60:.0f} min of training before)", flush=True)
+              f"({progress['train_s']:.0f} s of training before)", flush=True)
     replayed = progress["resumed_at"][-1] if progress["resumed_at"] else 0
     train_s_before, start = progress["train_s"], time.perf_counter()
 
@@ -172,7 +173,7 @@ def table(records: list[dict]) -> str:
         lines.append(f"| {record['name']}: {row.what}; {record['epochs']} epochs, batch {record['batch_size']} | "
                      f"{record['test_iwae_nll']:.2f} | {record['test_neg_elbo']:.2f} | "
                      f"{record['test_active_units']} of {record['params']['latent_dim']} | {verdict} | "
-                     f"{row.reference} | {record['device']}, {record['train_s'] / 60:.0f} min | {_rerun(row)} |")
+                     f"{row.reference} | {record['device']}, {record['train_s'] / 60:.0f} min{_runs(record)} | {_rerun(row)} |")
     for row in [row for row in ROWS if row.name not in {r["name"] for r in records}]:
         lines.append(f"| {row.name}: {row.what}; not run yet | | | | {_goal(row)} | {row.reference} | | "
                      f"{_rerun(row)} |")
@@ -181,6 +182,12 @@ def table(records: list[dict]) -> str:
 
 def _goal(row: Row) -> str:
     return "" if row.goal is None else f"at most {row.goal}"
+
+
+def _runs(record: dict) -> str:
+    """How many runs trained a row that was stopped and continued (records older than resumption have none)."""
+    resumed = record.get("resumed_at", [])
+    return f" in {len(resumed) + 1} runs" if resumed else ""
 
 
 def _rerun(row: Row) -> str:
@@ -212,9 +219,14 @@ def main(argv: list[str] | None = None) -> None:
     except data.DataError as error:
         parser.exit(2, f"error: {error}\n")
     for name in args.names:
-        record = run(BY_NAME[name], splits, args.device)
+        folder = checkpoint_folder(BY_NAME[name], BY_NAME[name].params(args.device))
+        try:
+            record = run(BY_NAME[name], splits, args.device)
+        except KeyboardInterrupt:
+            parser.exit(EXIT_INTERRUPTED, f"{name}: interrupted; the same command continues it from its checkpoint "
+                                          f"in {folder}\n")
         append(record, args.out)
-        shutil.rmtree(checkpoint_folder(BY_NAME[name], BY_NAME[name].params(args.device)), ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         print(json.dumps({k: v for k, v in record.items() if k != "params"}), flush=True)
 
 
