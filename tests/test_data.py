@@ -144,5 +144,15 @@ def test_a_tool_reads_the_prepare_stages_splits_where_they_are(mnist, tmp_path):
     for name in data.SPLITS[1:]:
         data.save_split(mnist["test"], tmp_path / f"{name}.pt")
     data.save_split(mnist["train"], tmp_path / "train.pt")
-    splits = data.load_or_prepare(tmp_path, val_size=1, seed=0, raw_dir=tmp_path / "no-such-folder")
+    splits = data.load_or_prepare(tmp_path, val_size=10000, seed=0, raw_dir=tmp_path / "no-such-folder")
     assert torch.equal(splits["val"].images, mnist["test"].images) and len(splits["train"].labels) == 60000
+
+
+def test_a_tool_that_holds_out_another_number_of_images_splits_mnist_again(mnist, mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(data.MIRROR_ENV, str(mnist_dir))
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for name, split in data.prepare(tmp_path / "raw", val_size=5000, seed=0).items():
+        data.save_split(split, prepared / f"{name}.pt")
+    splits = data.load_or_prepare(prepared, val_size=400, seed=0, raw_dir=tmp_path / "raw")
+    assert (len(splits["train"].labels), len(splits["val"].labels)) == (59600, 400)

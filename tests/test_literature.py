@@ -18,8 +18,9 @@ def test_each_row_is_burda_et_als_setting_with_its_own_network_objective_and_bia
         assert row.command().startswith("dvc exp run -S latent_dim=50 ")
     k50 = literature.BY_NAME["burda-iwae-k50"].params()
     assert (k50.architecture, k50.objective, k50.train_samples, k50.output_bias) == ("burda", "iwae", 50, "data_mean")
-    batch20, k1 = (literature.BY_NAME[name].params() for name in ("burda-vae-k1-batch20", "burda-vae-k1"))
-    assert batch20.batch_size == 20 and dataclasses.replace(batch20, batch_size=k1.batch_size) == k1
+    paper, k1 = (literature.BY_NAME[name].params() for name in ("burda-vae-k1-paper", "burda-vae-k1"))
+    assert (paper.batch_size, paper.val_size) == (20, 400)  # Burda et al.'s batch, and 59,600 training images
+    assert dataclasses.replace(paper, batch_size=k1.batch_size, val_size=k1.val_size) == k1
 
 
 def small_run(mnist, epochs=2):

@@ -179,9 +179,12 @@ def prepare(raw_dir: Path, val_size: int, seed: int, mirror: str | None = None) 
 
 def load_or_prepare(data_dir: Path, val_size: int, seed: int, raw_dir: Path = Path("data/raw")) -> dict[str, Split]:
     """The prepare stage's splits from `data_dir`, or, for tools run where the stage has not (a GPU box, a fresh
-    clone), the same splits made from MNIST in `raw_dir` (fetched, or copied from $VAELAB_MNIST_MIRROR)."""
+    clone) or has held out another number of images, the same splits made from MNIST in `raw_dir` (fetched, or
+    copied from $VAELAB_MNIST_MIRROR)."""
     if all((Path(data_dir) / f"{name}.pt").exists() for name in SPLITS):
-        return {name: load_split(data_dir, name) for name in SPLITS}
+        splits = {name: load_split(data_dir, name) for name in SPLITS}
+        if len(splits["val"].labels) == val_size:
+            return splits
     return prepare(raw_dir, val_size=val_size, seed=seed)
 
 
