@@ -1,5 +1,6 @@
 """MNIST fetching, verification, parsing and the validation split, on the real files."""
 import shutil
+import sys
 import threading
 import zipfile
 from contextlib import contextmanager
@@ -156,3 +157,9 @@ def test_a_tool_that_holds_out_another_number_of_images_splits_mnist_again(mnist
         data.save_split(split, prepared / f"{name}.pt")
     splits = data.load_or_prepare(prepared, val_size=400, seed=0, raw_dir=tmp_path / "raw")
     assert (len(splits["train"].labels), len(splits["val"].labels)) == (59600, 400)
+
+
+def test_without_torchvision_reading_mnist_is_one_error_that_says_what_to_install_or_copy(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)  # a GPU box with PyTorch alone
+    with pytest.raises(data.DataError, match=r"needs torchvision \(pip install torchvision\); without it, copy"):
+        data.load_or_prepare(tmp_path, val_size=400, seed=0, raw_dir=tmp_path / "raw")

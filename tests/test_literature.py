@@ -26,10 +26,12 @@ def test_each_row_is_burda_et_als_setting_with_its_own_network_objective_and_bia
 def small_run(mnist, epochs=2):
     """A row of a few epochs on a few images, and the splits it trains on."""
     images, labels = mnist["train"].images, mnist["train"].labels
-    splits = {"train": data.Split(images[:1000], labels[:1000]), "val": data.Split(images[1000:1200], labels[1000:1200]),
+    splits = {"train": data.Split(images[:1000], labels[:1000]),
+              "val": data.Split(images[1000:1200], labels[1000:1200]),
               "test": data.Split(mnist["test"].images[:500], mnist["test"].labels[:500])}
     row = literature.BY_NAME["burda-iwae-k5"]
-    return dataclasses.replace(row, changes={**row.changes, "epochs": epochs, "iwae_samples": 4, "batch_size": 100}), splits
+    small = dataclasses.replace(row, changes={**row.changes, "epochs": epochs, "iwae_samples": 4, "batch_size": 100})
+    return small, splits
 
 
 def test_a_row_records_what_it_ran_and_what_it_measured(mnist, tmp_path):

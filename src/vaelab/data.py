@@ -104,7 +104,11 @@ def load_mnist(raw_dir: Path, mirror: str | None = None) -> dict[str, Split]:
     into `raw_dir`/MNIST/raw (a cache: verified files are not fetched again), checks their md5 sums and
     parses them. `mirror` (default: $VAELAB_MNIST_MIRROR), a folder or URL holding the four files, replaces
     torchvision's own mirrors. A failure is one DataError naming the file; a corrupt download is removed."""
-    from torchvision.datasets import MNIST  # here, so that the training core imports with PyTorch alone
+    try:  # here, so that the training core imports with PyTorch alone
+        from torchvision.datasets import MNIST
+    except ImportError:  # a GPU box with PyTorch alone: it can use the prepare stage's splits, copied there
+        raise DataError(f"reading MNIST into {raw_dir} needs torchvision (pip install torchvision); without it, "
+                        "copy the prepare stage's splits here (data/prepared, made with the same val_size)") from None
 
     mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
     folder, expected_md5 = Path(raw_dir) / "MNIST" / "raw", dict(MNIST.resources)  # torchvision's cache

@@ -179,7 +179,8 @@ def table(records: list[dict]) -> str:
         lines.append(f"| {record['name']}: {row.what}; {record['epochs']} epochs, batch {record['batch_size']} | "
                      f"{record['test_iwae_nll']:.2f} | {record['test_neg_elbo']:.2f} | "
                      f"{record['test_active_units']} of {record['params']['latent_dim']} | {verdict} | "
-                     f"{row.reference} | {record['device']}, {record['train_s'] / 60:.0f} min{_runs(record)} | {_rerun(row)} |")
+                     f"{row.reference} | {record['device']}, {record['train_s'] / 60:.0f} min{_runs(record)} | "
+                     f"{_rerun(row)} |")
     for row in [row for row in ROWS if row.name not in {r["name"] for r in records}]:
         lines.append(f"| {row.name}: {row.what}; not run yet | | | | {_goal(row)} | {row.reference} | | "
                      f"{_rerun(row)} |")
