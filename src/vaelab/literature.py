@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 from vaelab import bench, data, metrics, training
 from vaelab.config import MNIST_TRAIN_SIZE, Params, ParamsError
 from vaelab.model import resolve_device
-from vaelab.stages import EXIT_INTERRUPTED
+from vaelab.stages import EXIT_INTERRUPTED, interrupt_on_signal
 
 RECORD = Path("reports/literature.json")
 CHECKPOINTS = Path(".vaelab/literature")
@@ -120,7 +121,9 @@ def run(row: Row, splits: dict[str, data.Split], device: str = "auto", checkpoin
             return
         progress["train_s"] = train_s_before + time.perf_counter() - start
         folder.mkdir(parents=True, exist_ok=True)
-        progress_file.write_text(json.dumps(progress))
+        partial = progress_file.with_name(progress_file.name + ".partial")
+        partial.write_text(json.dumps(progress))
+        partial.replace(progress_file)  # a kill mid-write leaves the previous one whole
         if row_["epoch"] % 100 == 0 or row_["epoch"] == params.epochs:
             print(f"{row.name}: epoch {row_['epoch']}/{params.epochs}, lr {row_['lr']:.2e}, val negative ELBO "
                   f"{row_['val_neg_elbo']:.3f}, {progress['train_s']:.0f} s", flush=True)
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         resolve_device(args.device)
     except ParamsError as error:
         parser.error(str(error).removeprefix("params.yaml: "))
+    signal.signal(signal.SIGTERM, interrupt_on_signal)  # the end of a session: the same one line as Ctrl-C
     for name in args.names:
         params = BY_NAME[name].params(args.device)
         try:  # the prepare stage's splits, or MNIST split again where a row holds out another number of images
@@ -230,9 +234,9 @@ def main(argv: list[str] | None = None) -> None:
         folder = checkpoint_folder(BY_NAME[name], params)
         try:
             record = run(BY_NAME[name], splits, args.device)
-        except KeyboardInterrupt:
-            parser.exit(EXIT_INTERRUPTED, f"{name}: interrupted; the same command continues it from its checkpoint "
-                                          f"in {folder}\n")
+        except KeyboardInterrupt as interrupt:
+            parser.exit(EXIT_INTERRUPTED, f"{name}: interrupted ({interrupt or 'Ctrl-C'}); the same command continues "
+                                          f"it from its checkpoint in {folder}\n")
         append(record, args.out)
         shutil.rmtree(folder, ignore_errors=True)
         print(json.dumps({k: v for k, v in record.items() if k != "params"}), flush=True)

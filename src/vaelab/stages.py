@@ -26,14 +26,15 @@ class StageError(RuntimeError):
     """A problem the user can fix (wrong usage, an unwritable folder, an unreachable tracking server)."""
 
 
-def _terminate(signum, frame):
+def interrupt_on_signal(signum, frame):
+    """SIGTERM as Ctrl-C: a killed stage or tool unwinds as an interrupted one does."""
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def run_stage(main: Callable[[list[str]], None]) -> None:
     """Run a stage's `main(argv)`. A known error prints one clear line and exits 2, with no traceback;
     Ctrl-C and SIGTERM unwind cleanly (the MLflow run is marked KILLED) and exit 130."""
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, interrupt_on_signal)
     try:
         main(sys.argv[1:])
     except (ParamsError, DataError, StageError) as error:
