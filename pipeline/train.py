@@ -14,7 +14,7 @@ import shutil
 import torch
 from tqdm import tqdm
 
-from vaelab import access, config, data, tracking, training
+from vaelab import access, config, data, resume, tracking, training
 from vaelab.model import resolve_device
 from vaelab.saved_model import save_vae
 from vaelab.stages import StageError, atomic_file, check_writable, paths, project_root, run_stage, write_rows
@@ -51,7 +51,7 @@ def main(argv):
             bar.set_postfix(status, refresh=False)
             bar.update(row["epoch"] - bar.n)  # a resumed run starts past its checkpoint's epoch
 
-        checkpointing = training.Checkpointing(checkpoint_dir / "state.pt", CHECKPOINT_SECONDS)
+        checkpointing = resume.Checkpointing(checkpoint_dir / "state.pt", CHECKPOINT_SECONDS)
         try:
             result = training.train(
                 params, data.model_inputs(train_set.images, params.binarize, "train"),

@@ -10,7 +10,8 @@ import torch
 
 from vaelab import data
 from vaelab.config import Params
-from vaelab.training import Checkpointing, TrainingDiverged, kl_weight, learning_rate, snapshot_epochs, train
+from vaelab.resume import Checkpointing
+from vaelab.training import TrainingDiverged, kl_weight, learning_rate, snapshot_epochs, train
 
 
 def test_snapshot_schedule_for_1000_epochs_is_the_seeds():
@@ -186,7 +187,7 @@ def test_checkpoints_are_written_every_so_many_seconds_and_at_the_last_epoch(mni
     ticks = iter(range(1, 1000))
     monkeypatch.setattr("vaelab.training.time", SimpleNamespace(monotonic=lambda: next(ticks)))
     saved = []
-    monkeypatch.setattr("vaelab.training._save", lambda path, epoch, *state: saved.append(epoch))
+    monkeypatch.setattr("vaelab.resume.save", lambda path, epoch, *state: saved.append(epoch))
     checkpointing = Checkpointing(tmp_path / "state.pt", every_seconds=3)
     images = data.to_float(mnist["train"].images[:300])
     train(Params(epochs=8, batch_size=100, device="cpu"), images[:200], images[200:], images[:10],

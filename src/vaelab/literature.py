@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vaelab import bench, data, metrics, training
+from vaelab import bench, data, metrics, resume, training
 from vaelab.config import MNIST_TRAIN_SIZE, Params, ParamsError
 from vaelab.model import resolve_device
 from vaelab.stages import EXIT_INTERRUPTED, interrupt_on_signal
@@ -110,7 +110,7 @@ def run(row: Row, splits: dict[str, data.Split], device: str = "auto", checkpoin
     progress = {"train_s": 0.0, "resumed_at": []}
     if checkpoint.exists():
         progress = json.loads(progress_file.read_text()) if progress_file.exists() else progress
-        progress["resumed_at"].append(training.checkpoint_epoch(checkpoint))
+        progress["resumed_at"].append(resume.epoch_of(checkpoint))
         print(f"{row.name}: continuing from its checkpoint {checkpoint} at epoch {progress['resumed_at'][-1]} "
               f"({progress['train_s']:.0f} s of training before)", flush=True)
     replayed = progress["resumed_at"][-1] if progress["resumed_at"] else 0
@@ -130,7 +130,7 @@ def run(row: Row, splits: dict[str, data.Split], device: str = "auto", checkpoin
 
     result = training.train(params, inputs["train"], inputs["val"], inputs["test"][: training.SNAPSHOT_IMAGES],
                             on_epoch=on_epoch, labels=labels,
-                            checkpointing=training.Checkpointing(checkpoint, CHECKPOINT_SECONDS))
+                            checkpointing=resume.Checkpointing(checkpoint, CHECKPOINT_SECONDS))
     train_s = train_s_before + time.perf_counter() - start
     model = result.model.to(torch_device)
     train_x = data.model_inputs(splits["train"].images, "static", "train").to(torch_device)

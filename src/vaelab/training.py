@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import platform
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 
+from vaelab import resume
 from vaelab.config import Params
 from vaelab.backprop import FastStep
 from vaelab.manifold import MANIFOLD_SIZE, manifold_images
@@ -264,22 +263,13 @@ def _divergence_causes(params: Params, first_step: bool) -> str:
     return "; ".join(causes) or "the very first step overflowed, before any update: check the inputs"
 
 
-@dataclass
-class Checkpointing:
-    """Where and how often `train` saves everything needed to resume bit for bit: weights, optimizer state,
-    random number generators, history and snapshots."""
-
-    path: Path
-    every_seconds: float = 60.0
-
-
 def train(
     params: Params,
     train_images: torch.Tensor,
     val_images: torch.Tensor,
     snapshot_images: torch.Tensor,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
-    checkpointing: Checkpointing | None = None,
+    checkpointing: resume.Checkpointing | None = None,
     step_mode: str | None = None,
     labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> TrainResult:
@@ -317,7 +307,7 @@ def train(
     history, snapshots = [], Snapshots()
     done = 0
     if checkpointing is not None and checkpointing.path.exists():
-        done = _restore(checkpointing.path, model, optimizer, shuffle, history, snapshots)
+        done = resume.restore(checkpointing.path, model, optimizer, shuffle, history, snapshots)
         if on_epoch is not None:
             for row in history:
                 on_epoch(row)
@@ -359,44 +349,7 @@ def train(
             on_epoch(row)
         due = time.monotonic() - last_save >= checkpointing.every_seconds if checkpointing else False
         if checkpointing is not None and (due or epoch == params.epochs):
-            _save(checkpointing.path, epoch, model, optimizer, shuffle, history, snapshots)
+            resume.save(checkpointing.path, epoch, model, optimizer, shuffle, history, snapshots)
             last_save = time.monotonic()
     model.eval()
     return TrainResult(model.cpu(), history, snapshots, resumed_at=done)
-
-
-def _save(path: Path, epoch, model, optimizer, shuffle, history, snapshots: Snapshots) -> None:
-    state = {
-        "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if next(model.parameters()).is_cuda else torch.empty(0),
-        "shuffle_rng": shuffle.get_state(),
-        "history": history,
-        "snapshots": {"epochs": snapshots.epochs, "manifolds": snapshots.manifolds,
-                      "latent_means": snapshots.latent_means},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)  # a kill mid-write leaves the previous checkpoint intact
-
-
-def checkpoint_epoch(path: Path) -> int:
-    """The last epoch a checkpoint holds: training continues after it."""
-    return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
-
-
-def _restore(path: Path, model, optimizer, shuffle, history, snapshots: Snapshots) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    if len(state["cuda_rng"]):
-        torch.cuda.set_rng_state(state["cuda_rng"])
-    shuffle.set_state(state["shuffle_rng"])
-    history.extend(state["history"])
-    for name in ("epochs", "manifolds", "latent_means"):
-        getattr(snapshots, name).extend(state["snapshots"][name])
-    return state["epoch"]

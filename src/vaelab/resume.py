@@ -1,0 +1,56 @@
+"""Training's checkpoints: everything `training.train` needs to continue a stopped run bit for bit (weights,
+optimizer state, random number generators, history and snapshots), written whole or not at all."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Checkpointing:
+    """Where and how often `train` saves a checkpoint."""
+
+    path: Path
+    every_seconds: float = 60.0
+
+
+def save(path: Path, epoch, model, optimizer, shuffle, history, snapshots) -> None:
+    """Write the state `restore` reads back, whole or not at all."""
+    state = {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if next(model.parameters()).is_cuda else torch.empty(0),
+        "shuffle_rng": shuffle.get_state(),
+        "history": history,
+        "snapshots": {"epochs": snapshots.epochs, "manifolds": snapshots.manifolds,
+                      "latent_means": snapshots.latent_means},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def epoch_of(path: Path) -> int:
+    """The last epoch a checkpoint holds: training continues after it."""
+    return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+
+
+def restore(path: Path, model, optimizer, shuffle, history, snapshots) -> int:
+    """Load a checkpoint into the fresh objects `train` made; returns its epoch."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if len(state["cuda_rng"]):
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    shuffle.set_state(state["shuffle_rng"])
+    history.extend(state["history"])
+    for name in ("epochs", "manifolds", "latent_means"):
+        getattr(snapshots, name).extend(state["snapshots"][name])
+    return state["epoch"]
