@@ -30,7 +30,7 @@ from pathlib import Path
 from vaelab import bench, data, metrics, resume, training
 from vaelab.config import MNIST_TRAIN_SIZE, Params, ParamsError
 from vaelab.model import resolve_device
-from vaelab.stages import EXIT_INTERRUPTED, interrupt_on_signal
+from vaelab.stages import EXIT_INTERRUPTED, atomic_file, interrupt_on_signal
 
 RECORD = Path("reports/literature.json")
 CHECKPOINTS = Path(".vaelab/literature")
@@ -120,10 +120,8 @@ def run(row: Row, splits: dict[str, data.Split], device: str = "auto", checkpoin
         if row_["epoch"] <= replayed:  # a resumed run first hands back the checkpoint's rows
             return
         progress["train_s"] = train_s_before + time.perf_counter() - start
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = progress_file.with_name(progress_file.name + ".partial")
-        partial.write_text(json.dumps(progress))
-        partial.replace(progress_file)  # a kill mid-write leaves the previous one whole
+        with atomic_file(progress_file) as path:  # a kill mid-write leaves the previous one whole
+            path.write_text(json.dumps(progress))
         if row_["epoch"] % 100 == 0 or row_["epoch"] == params.epochs:
             print(f"{row.name}: epoch {row_['epoch']}/{params.epochs}, lr {row_['lr']:.2e}, val negative ELBO "
                   f"{row_['val_neg_elbo']:.3f}, {progress['train_s']:.0f} s", flush=True)
