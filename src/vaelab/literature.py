@@ -161,10 +161,8 @@ def read(path: Path = RECORD) -> list[dict]:
 def append(record: dict, path: Path = RECORD) -> None:
     """Add a record; earlier records stay (a row run again, or on another device, is a new line of the table)."""
     records = read(path) + [record]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(records, indent=2) + "\n")
-    partial.replace(path)
+    with atomic_file(path) as partial:
+        partial.write_text(json.dumps(records, indent=2) + "\n")
 
 
 def table(records: list[dict]) -> str:

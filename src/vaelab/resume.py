@@ -2,11 +2,12 @@
 optimizer state, random number generators, history and snapshots), written whole or not at all."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from vaelab.stages import atomic_file
 
 
 @dataclass
@@ -30,10 +31,8 @@ def save(path: Path, epoch, model, optimizer, shuffle, history, snapshots) -> No
         "snapshots": {"epochs": snapshots.epochs, "manifolds": snapshots.manifolds,
                       "latent_means": snapshots.latent_means},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)  # a kill mid-write leaves the previous checkpoint intact
+    with atomic_file(path) as partial:  # a kill mid-write leaves the previous checkpoint intact
+        torch.save(state, partial)
 
 
 def epoch_of(path: Path) -> int:
