@@ -13,7 +13,7 @@ from tqdm import tqdm
 from vaelab import access, config, data, metrics, tracking
 from vaelab.model import resolve_device
 from vaelab.saved_model import load_vae
-from vaelab.stages import atomic_file, check_writable, paths, run_stage, write_rows
+from vaelab.stages import atomic_file, check_writable, paths, run_stage, warn_if_cores_busy, write_rows
 
 
 def main(argv):
@@ -30,6 +30,7 @@ def main(argv):
     train_x = data.model_inputs(train.images, "none" if params.binarize == "none" else "static", "train")
     test_x, test_labels, train_x, train_labels = (t.to(device) for t in (test_x, test.labels, train_x, train.labels))
 
+    warn_if_cores_busy(device)
     passes = metrics.bound_passes(model)  # a conditional VAE's bound goes over the test set under each label
     with tqdm(total=passes * len(test_x), unit="image", desc=f"log p(x), K = {params.iwae_samples}, on {device}") as bar:
         results = metrics.test_results(model, test_x, test_labels, train_x, train_labels, params.seed,

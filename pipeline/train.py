@@ -17,7 +17,8 @@ from tqdm import tqdm
 from vaelab import access, config, data, resume, tracking, training
 from vaelab.model import resolve_device
 from vaelab.saved_model import save_vae
-from vaelab.stages import StageError, atomic_file, check_writable, paths, project_root, run_stage, write_rows
+from vaelab.stages import (StageError, atomic_file, check_writable, paths, project_root, run_stage,
+                           warn_if_cores_busy, write_rows)
 
 CHECKPOINT_SECONDS = float(os.environ.get("VAELAB_CHECKPOINT_SECONDS", 60))
 
@@ -34,6 +35,7 @@ def main(argv):
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     run_id_file = checkpoint_dir / "run.json"
     resume_id = tracking.read_run_id(run_id_file) if (checkpoint_dir / "state.pt").exists() else None
+    warn_if_cores_busy(device)
 
     with tracking.training_run(params, resume_id) as run, tqdm(
         total=params.epochs, unit="epoch", desc=f"train on {device}"

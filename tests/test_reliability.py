@@ -16,7 +16,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from vaelab import data, tracking
+from vaelab import data, stages, tracking
 from vaelab.config import Params
 from projects import free_port, http_service
 
@@ -511,3 +511,39 @@ def test_a_damaged_input_stops_its_stage_in_one_line_naming_the_file_and_the_cur
     assert last == f"error: {path} {problem}; {_cure(path, how == 'missing')}"
     assert (_files(root), _files(trained_project / "mlartifacts")) == files_before  # no output created or changed
     assert _mlflow_state(root) == mlflow_before  # no new run, the run's metrics and artifacts as they were
+
+
+@pytest.mark.parametrize("threads, cores, busy, advice", [
+    (2, 2, 1.0, 1), (2, 2, 1.9, 1), (16, 16, 1.0, 15), (4, 4, 2.6, 1),  # more threads than idle cores: a warning
+    (2, 2, 0.3, None), (8, 16, 4.0, None), (1, 2, 1.9, None),  # they fit, or one thread cannot wait for another
+])
+def test_threads_that_do_not_fit_the_idle_cores_are_named_with_the_count_that_does(threads, cores, busy, advice):
+    warning = stages.oversubscription(threads, cores, busy)
+    assert warning == (None if advice is None else
+                       f"warning: {busy:.1f} of {cores} CPU cores are busy elsewhere, so {threads} PyTorch threads "
+                       f"stall (docs/speed.md); use OMP_NUM_THREADS={advice}")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: a single thread cannot stall")
+def test_training_beside_a_busy_process_warns_in_one_line_and_keeps_the_threads_it_was_given(tmp_path, small_data):
+    """PyTorch's threads stall when other work holds some of their cores (docs/speed.md): the train stage says so
+    with the OMP_NUM_THREADS that fits, and trains with the threads it was given (the count changes rounding)."""
+    cores = len(os.sched_getaffinity(0))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        results = {}
+        for threads in (cores, 1):
+            root = _project(tmp_path / f"threads{threads}", small_data, epochs=1)
+            results[threads] = subprocess.run(TRAIN, cwd=root, env=_env(OMP_NUM_THREADS=str(threads)),
+                                              capture_output=True, text=True, timeout=600)
+    finally:
+        busy.kill()
+        busy.wait()
+    for threads, result in results.items():
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert _runs(tmp_path / f"threads{threads}")[1][0].data.tags[tracking.THREADS_TAG] == str(threads)
+    warnings = [line for line in results[cores].stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and re.fullmatch(
+        rf"warning: \d+\.\d of {cores} CPU cores are busy elsewhere, so {cores} PyTorch threads stall "
+        r"\(docs/speed\.md\); use OMP_NUM_THREADS=\d+", warnings[0]), results[cores].stderr[-3000:]
+    assert "warning:" not in results[1].stderr  # one thread waits for no other

@@ -30,7 +30,7 @@ from pathlib import Path
 from vaelab import bench, data, metrics, resume, training
 from vaelab.config import MNIST_TRAIN_SIZE, Params, ParamsError
 from vaelab.model import resolve_device
-from vaelab.stages import EXIT_INTERRUPTED, atomic_file, interrupt_on_signal
+from vaelab.stages import EXIT_INTERRUPTED, atomic_file, interrupt_on_signal, warn_if_cores_busy
 
 RECORD = Path("reports/literature.json")
 CHECKPOINTS = Path(".vaelab/literature")
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         print(table(read(args.out)))
         return
     try:
-        resolve_device(args.device)
+        warn_if_cores_busy(resolve_device(args.device))
     except ParamsError as error:
         parser.error(str(error).removeprefix("params.yaml: "))
     signal.signal(signal.SIGTERM, interrupt_on_signal)  # the end of a session: the same one line as Ctrl-C

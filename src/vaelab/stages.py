@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -43,6 +44,51 @@ def run_stage(main: Callable[[list[str]], None]) -> None:
     except KeyboardInterrupt as interrupt:
         print(f"interrupted ({interrupt or 'Ctrl-C'}); run the stage again to resume", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def busy_cores(seconds: float = 0.5) -> float | None:
+    """How many of this process's cores other work kept busy over `seconds`, from Linux's /proc/stat (None
+    elsewhere). Call it while this process waits, so that the figure is the others' alone."""
+    cores = {f"cpu{core}" for core in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else set()
+
+    def busy_and_total() -> tuple[int, int]:
+        busy = total = 0
+        with open("/proc/stat") as stat:
+            for line in stat:
+                name, *ticks = line.split()
+                if name in cores:  # user nice system idle iowait irq softirq steal (guest is inside user)
+                    numbers = [int(tick) for tick in ticks[:8]]
+                    busy, total = busy + sum(numbers) - numbers[3] - numbers[4], total + sum(numbers)
+        return busy, total
+
+    try:
+        busy_before, total_before = busy_and_total()
+        time.sleep(seconds)
+        busy_after, total_after = busy_and_total()
+    except OSError:
+        return None
+    if total_after <= total_before:
+        return None
+    return len(cores) * (busy_after - busy_before) / (total_after - total_before)
+
+
+def oversubscription(threads: int, cores: int, busy: float) -> str | None:
+    """The warning for PyTorch's `threads` on `cores` of which other work keeps `busy` busy, or None when
+    its threads fit the idle ones. Its threads wait for each other at every operation, so one that lost its
+    core holds them all up."""
+    idle = cores - busy
+    if threads == 1 or busy < 0.5 or threads <= idle + 0.5:
+        return None
+    return (f"warning: {busy:.1f} of {cores} CPU cores are busy elsewhere, so {threads} PyTorch threads stall "
+            f"(docs/speed.md); use OMP_NUM_THREADS={max(1, round(idle))}")
+
+
+def warn_if_cores_busy(device: torch.device) -> None:
+    """Say in one line when a CPU stage's threads do not fit the idle cores. The thread count stays: it
+    changes float rounding, so only the user may change it (OMP_NUM_THREADS)."""
+    if device.type == "cpu" and torch.get_num_threads() > 1 and (busy := busy_cores()) is not None:
+        if warning := oversubscription(torch.get_num_threads(), len(os.sched_getaffinity(0)), busy):
+            print(warning, file=sys.stderr, flush=True)
 
 
 def project_root() -> Path:
