@@ -534,8 +534,8 @@ def test_training_beside_a_busy_process_warns_in_one_line_and_keeps_the_threads_
         results = {}
         for threads in (cores, 1):
             root = _project(tmp_path / f"threads{threads}", small_data, epochs=1)
-            results[threads] = subprocess.run(TRAIN, cwd=root, env=_env(OMP_NUM_THREADS=str(threads)),
-                                              capture_output=True, text=True, timeout=600)
+            env = _env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))  # PyTorch reads either
+            results[threads] = subprocess.run(TRAIN, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     finally:
         busy.kill()
         busy.wait()
