@@ -35,6 +35,7 @@ bench: setup  ## the training epoch against a plain PyTorch loop; writes reports
 gpu-check:  ## on a GPU machine, PyTorch alone needed: the CUDA tests, the seed's 1000 epochs and the evaluation timed; reports/gpu.json
 	PYTHONPATH=src python3 -m vaelab.gpu_check
 
-LITERATURE_ROWS ?= burda-vae-k1 burda-iwae-k5 seed-network-bias-warmup burda-iwae-k50
+# the rows reports/literature.json does not have yet (a test keeps them so)
+LITERATURE_ROWS ?= burda-iwae-k5 burda-iwae-k50
 gpu-literature:  ## on a GPU machine, PyTorch alone needed: the literature rows (LITERATURE_ROWS=...), appended to reports/literature.json
 	PYTHONPATH=src python3 -m vaelab.literature run --device cuda $(LITERATURE_ROWS)

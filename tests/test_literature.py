@@ -1,6 +1,7 @@
 """The literature's rows train and evaluate as the stages do, and their record is what docs/literature.md shows."""
 import dataclasses
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,14 @@ def test_a_row_records_what_it_ran_and_what_it_measured(mnist, tmp_path):
 def test_the_docs_table_is_the_committed_record():
     shown = (REPO / "docs" / "literature.md").read_text()
     assert literature.table(literature.read(REPO / literature.RECORD)) in shown
+
+
+def test_make_gpu_literature_runs_the_rows_the_record_lacks():
+    """A GPU loan is short: its default spends none of it on a row already recorded, and misses none."""
+    command = subprocess.run(["make", "-n", "-s", "gpu-literature"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    recorded = {record["name"] for record in literature.read(REPO / literature.RECORD)}
+    assert command[command.index("cuda") + 1:] == [row.name for row in literature.ROWS if row.name not in recorded]
 
 
 class Stop(Exception):
