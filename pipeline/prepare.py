@@ -15,6 +15,8 @@ def main(argv):
     for name, split in splits.items():
         with atomic_file(out_dir / f"{name}.pt") as path:
             data.save_split(split, path)
+    with atomic_file(out_dir / data.SPLIT_SETTINGS) as path:  # last: splits without it are not trusted
+        data.save_split_settings(path, val_size=params.val_size, seed=params.seed)
     print(", ".join(f"{name}: {len(split.labels)} images" for name, split in splits.items()), "->", out_dir)
 
 

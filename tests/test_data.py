@@ -145,18 +145,26 @@ def test_a_tool_reads_the_prepare_stages_splits_where_they_are(mnist, tmp_path):
     for name in data.SPLITS[1:]:
         data.save_split(mnist["test"], tmp_path / f"{name}.pt")
     data.save_split(mnist["train"], tmp_path / "train.pt")
+    data.save_split_settings(tmp_path / data.SPLIT_SETTINGS, val_size=10000, seed=0)
     splits = data.load_or_prepare(tmp_path, val_size=10000, seed=0, raw_dir=tmp_path / "no-such-folder")
     assert torch.equal(splits["val"].images, mnist["test"].images) and len(splits["train"].labels) == 60000
 
 
-def test_a_tool_that_holds_out_another_number_of_images_splits_mnist_again(mnist, mnist_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("val_size, seed", [(400, 0), (5000, 1)])
+def test_a_tool_splits_mnist_again_where_the_stage_split_it_otherwise(mnist_dir, tmp_path, monkeypatch, val_size,
+                                                                      seed):
+    """Another number of held-out images (the paper's row), or another seed's (the workspace after
+    `dvc exp run -S seed=1`): the tool trains on the split its own settings make, as its record says."""
     monkeypatch.setenv(data.MIRROR_ENV, str(mnist_dir))
     prepared = tmp_path / "prepared"
     prepared.mkdir()
     for name, split in data.prepare(tmp_path / "raw", val_size=5000, seed=0).items():
         data.save_split(split, prepared / f"{name}.pt")
-    splits = data.load_or_prepare(prepared, val_size=400, seed=0, raw_dir=tmp_path / "raw")
-    assert (len(splits["train"].labels), len(splits["val"].labels)) == (59600, 400)
+    data.save_split_settings(prepared / data.SPLIT_SETTINGS, val_size=5000, seed=0)
+    splits = data.load_or_prepare(prepared, val_size=val_size, seed=seed, raw_dir=tmp_path / "raw")
+    expected = data.prepare(tmp_path / "raw", val_size=val_size, seed=seed)
+    assert all(torch.equal(splits[name].labels, expected[name].labels) for name in data.SPLITS)
+    assert not torch.equal(splits["val"].labels[:400], data.load_split(prepared, "val").labels[:400])
 
 
 def test_without_torchvision_reading_mnist_is_one_error_that_says_what_to_install_or_copy(tmp_path, monkeypatch):

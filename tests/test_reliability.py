@@ -111,7 +111,7 @@ def test_preparing_twice_gives_byte_identical_files_so_dvc_sees_no_change(tmp_pa
         subprocess.run([sys.executable, str(REPO / "pipeline" / "prepare.py"), "data/raw", out], cwd=root,
                        env=_env(VAELAB_MNIST_MIRROR=str(mnist_dir)), check=True, capture_output=True)
         prepared.append({p.name: p.read_bytes() for p in (root / out).iterdir()})
-    assert sorted(prepared[0]) == ["test.pt", "train.pt", "val.pt"] and prepared[0] == prepared[1]
+    assert sorted(prepared[0]) == ["split.json", "test.pt", "train.pt", "val.pt"] and prepared[0] == prepared[1]
 
 
 def test_an_unwritable_output_folder_is_named_before_any_work(tmp_path, small_data):

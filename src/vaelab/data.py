@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -18,6 +19,7 @@ FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-image
          "t10k-labels-idx1-ubyte.gz")  # what a mirror folder holds; torchvision knows their md5 sums
 MIRROR_ENV = "VAELAB_MNIST_MIRROR"
 SPLITS = ("train", "val", "test")
+SPLIT_SETTINGS = "split.json"  # beside the prepare stage's splits: the val_size and seed that made them
 
 
 class DataError(RuntimeError):
@@ -108,7 +110,8 @@ def load_mnist(raw_dir: Path, mirror: str | None = None) -> dict[str, Split]:
         from torchvision.datasets import MNIST
     except ImportError:  # a GPU box with PyTorch alone: it can use the prepare stage's splits, copied there
         raise DataError(f"reading MNIST into {raw_dir} needs torchvision (pip install torchvision); without it, "
-                        "copy the prepare stage's splits here (data/prepared, made with the same val_size)") from None
+                        "copy the prepare stage's splits here (data/prepared, made with the same val_size and "
+                        "seed)") from None
 
     mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
     folder, expected_md5 = Path(raw_dir) / "MNIST" / "raw", dict(MNIST.resources)  # torchvision's cache
@@ -182,14 +185,25 @@ def prepare(raw_dir: Path, val_size: int, seed: int, mirror: str | None = None) 
 
 
 def load_or_prepare(data_dir: Path, val_size: int, seed: int, raw_dir: Path = Path("data/raw")) -> dict[str, Split]:
-    """The prepare stage's splits from `data_dir`, or, for tools run where the stage has not (a GPU box, a fresh
-    clone) or has held out another number of images, the same splits made from MNIST in `raw_dir` (fetched, or
-    copied from $VAELAB_MNIST_MIRROR)."""
-    if all((Path(data_dir) / f"{name}.pt").exists() for name in SPLITS):
-        splits = {name: load_split(data_dir, name) for name in SPLITS}
-        if len(splits["val"].labels) == val_size:
-            return splits
+    """The prepare stage's splits from `data_dir` where its split.json says it made them with `val_size` and
+    `seed`, or, for tools run where the stage has not (a GPU box, a fresh clone) or made them otherwise (the last
+    `dvc exp run -S seed=1`), the same splits made from MNIST in `raw_dir` (fetched, or copied from
+    $VAELAB_MNIST_MIRROR)."""
+    if split_settings(data_dir) == {"val_size": val_size, "seed": seed}:
+        return {name: load_split(data_dir, name) for name in SPLITS}
     return prepare(raw_dir, val_size=val_size, seed=seed)
+
+
+def save_split_settings(path: Path, val_size: int, seed: int) -> None:
+    Path(path).write_text(json.dumps({"val_size": val_size, "seed": seed}) + "\n")
+
+
+def split_settings(data_dir: Path) -> dict | None:
+    """What the splits in `data_dir` were made with; None where that is not known (no or an unreadable file)."""
+    try:
+        return json.loads((Path(data_dir) / SPLIT_SETTINGS).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def save_split(split: Split, path: Path) -> None:
