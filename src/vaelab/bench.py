@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -167,9 +168,7 @@ def baseline_epoch_seconds(params: Params, images: torch.Tensor, epochs: int) ->
 
 def _training_run(params: Params, store: Path):
     """The train stage's MLflow run on a throwaway store, or None where MLflow is not installed."""
-    try:
-        import mlflow  # noqa: F401  (only to learn whether it is there)
-    except ImportError:
+    if importlib.util.find_spec("mlflow") is None:
         return None
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}"
     from vaelab import tracking

@@ -217,9 +217,10 @@ def main(argv: list[str] | None = None) -> None:
         print(table(read(args.out)))
         return
     try:
-        warn_if_cores_busy(resolve_device(args.device))
+        device = resolve_device(args.device)
     except ParamsError as error:
         parser.error(str(error).removeprefix("params.yaml: "))
+    warn_if_cores_busy(device)
     signal.signal(signal.SIGTERM, interrupt_on_signal)  # the end of a session: the same one line as Ctrl-C
     for name in args.names:
         params = BY_NAME[name].params(args.device)

@@ -86,8 +86,9 @@ def oversubscription(threads: int, cores: int, busy: float) -> str | None:
 def warn_if_cores_busy(device: torch.device) -> None:
     """Say in one line when a CPU stage's threads do not fit the idle cores. The thread count stays: it
     changes float rounding, so only the user may change it (OMP_NUM_THREADS)."""
-    if device.type == "cpu" and torch.get_num_threads() > 1 and (busy := busy_cores()) is not None:
-        if warning := oversubscription(torch.get_num_threads(), len(os.sched_getaffinity(0)), busy):
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and threads > 1 and (busy := busy_cores()) is not None:
+        if warning := oversubscription(threads, len(os.sched_getaffinity(0)), busy):
             print(warning, file=sys.stderr, flush=True)
 
 
