@@ -34,7 +34,7 @@ def main(argv):
     checkpoint_dir = project_root() / ".vaelab" / "checkpoints" / params.digest()
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     run_id_file = checkpoint_dir / "run.json"
-    resume_id = tracking.read_run_id(run_id_file) if (checkpoint_dir / "state.pt").exists() else None
+    resume_id = tracking.read_run_id(run_id_file) if resume.usable(checkpoint_dir / "state.pt") else None
     warn_if_cores_busy(device)
 
     with tracking.training_run(params, resume_id) as run, tqdm(

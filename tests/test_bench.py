@@ -5,6 +5,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vaelab.bench import (MATMUL_KERNELS, decoder_products, evaluation_floor_seconds, main, matmul_floor_seconds,
                           step_products, training_gflop_per_epoch)
+from vaelab.data import SPLIT_SETTINGS, load_mnist, save_split_settings
 from vaelab.model import VAE, ModelConfig, negative_elbo
 
 
@@ -28,6 +29,30 @@ def test_bad_arguments_exit_2_naming_the_problem_and_write_nothing(tmp_path, cap
         main([*arguments, "--out", str(out)])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("prepared", "data/prepared/train.pt is not a PyTorch archive; dvc checkout -f data/prepared/train.pt restores it"),
+    ("unpacked", "could not be read (shape '[60000, 28, 28]' is invalid for input of size 23519992); delete that "
+                 "folder (a download cache) and run again"),
+])
+def test_a_damaged_input_is_one_line_naming_it_and_its_cure(tmp_path, monkeypatch, capsys, mnist_dir, damage, problem):
+    """The splits the prepare stage wrote, or torchvision's unpacked copies of MNIST that it splits again."""
+    monkeypatch.chdir(tmp_path)
+    if damage == "prepared":
+        prepared = tmp_path / "data" / "prepared"
+        prepared.mkdir(parents=True)
+        save_split_settings(prepared / SPLIT_SETTINGS, val_size=5000, seed=0)
+        (prepared / "train.pt").write_text("<html>")
+    else:
+        load_mnist(tmp_path / "data" / "raw", mirror=str(mnist_dir))
+        unpacked = tmp_path / "data" / "raw" / "MNIST" / "raw" / "train-images-idx3-ubyte"
+        unpacked.write_bytes(unpacked.read_bytes()[:23519992 + 16])
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "bench.json")])
+    [line] = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and line.startswith("error: ") and line.endswith(problem)
+    assert not (tmp_path / "bench.json").exists()
 
 
 def test_the_steps_products_are_the_counted_flops_and_each_kernel_computes_the_same_product():

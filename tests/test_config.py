@@ -77,6 +77,24 @@ def test_a_stage_with_bad_params_exits_non_zero_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no outputs, no mlflow.db
 
 
+def test_params_are_read_as_dvc_reads_them_yaml_1_2(tmp_path):
+    """DVC reads params.yaml as YAML 1.2 (ruamel.yaml); PyYAML's 1.1 read `3e-4` as a string and `yes` as true."""
+    from dvc.utils.serialize import parse_yaml
+
+    text = "lr: 3e-4\nbeta: 1E1\ndropout: .25\nconditional: false\n"
+    (tmp_path / "params.yaml").write_text(text)
+    params = load(tmp_path / "params.yaml")
+    assert (params.lr, params.beta, params.dropout) == (0.0003, 10.0, 0.25)
+    assert {key: getattr(params, key) for key in ("lr", "beta", "dropout", "conditional")} == parse_yaml(text, "p")
+
+
+@pytest.mark.parametrize("word", ["yes", "on", "no", "off"])
+def test_yaml_1_1_booleans_are_refused_as_dvc_records_them_as_strings(tmp_path, word):
+    (tmp_path / "params.yaml").write_text(f"conditional: {word}\n")
+    with pytest.raises(ParamsError, match=f"conditional: '{word}' is not allowed; expected true or false"):
+        load(tmp_path / "params.yaml")
+
+
 def test_evaluation_only_settings_are_not_part_of_a_trainings_identity():
     assert "iwae_samples" not in Params().training_dict()
     assert Params(iwae_samples=5000).digest() == Params().digest() != Params(latent_dim=3).digest()

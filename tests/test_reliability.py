@@ -215,6 +215,26 @@ def test_after_kill_9_the_same_experiment_resumes_its_run_and_ends_bit_for_bit_a
     assert not list((root / ".vaelab" / "checkpoints").iterdir())  # cleaned up once the outputs exist
 
 
+def test_a_torn_checkpoint_after_kill_9_is_named_and_the_stage_trains_afresh_in_a_new_run(tmp_path, small_data):
+    """The torn file a power cut can leave: one warning line naming it, then a whole training in a run of its own;
+    the killed run is closed, not continued with epochs it never had."""
+    root = _project(tmp_path / "project", small_data, epochs=6)
+    process = _start_and_wait_for_checkpoint(root)
+    process.kill()
+    process.wait()
+    [state] = (root / ".vaelab").glob("checkpoints/*/state.pt")
+    state.write_bytes(state.read_bytes()[:100])
+    result = subprocess.run(TRAIN, cwd=root, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "checkpoint" in line]
+    assert warnings == [f"warning: the checkpoint {state} is a truncated PyTorch archive; training starts afresh"]
+    client, runs = _runs(root)
+    assert sorted(run.info.status for run in runs) == ["FINISHED", "KILLED"]
+    [finished] = [run for run in runs if run.info.status == "FINISHED"]
+    steps = [m.step for m in client.get_metric_history(finished.info.run_id, "learning_curve/val_neg_elbo")]
+    assert steps == list(range(1, 7))
+
+
 def _train(root: Path) -> None:
     result = subprocess.run(TRAIN, cwd=root, env=_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -547,3 +567,29 @@ def test_training_beside_a_busy_process_warns_in_one_line_and_keeps_the_threads_
         rf"warning: \d+\.\d of {cores} CPU cores are busy elsewhere, so {cores} PyTorch threads stall "
         r"\(docs/speed\.md\); use OMP_NUM_THREADS=\d+", warnings[0]), results[cores].stderr[-3000:]
     assert "warning:" not in results[1].stderr  # one thread waits for no other
+
+
+def test_whole_or_nothing_writes_reach_the_disk_before_they_replace_the_old_file(tmp_path, monkeypatch):
+    """A rename is only as durable as the data it points to: without fsync of the file first, a power cut can leave
+    the new name on an empty file, and without fsync of the folder, the old name. Both atomic writes do both."""
+    calls = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("replace", str(b))), replace(a, b)))
+    target = tmp_path / "models" / "vae.pt"
+    target.parent.mkdir()
+    target.write_text("old")
+    with stages.atomic_file(target) as partial:
+        partial.write_text("new")
+    [(_, written), replaced, folder] = calls
+    assert (Path(written).name, replaced, folder) == ("vae.pt", ("replace", str(target)), ("fsync", str(target.parent)))
+    assert target.read_text() == "new"
+
+    calls.clear()
+    with stages.atomic_dir(tmp_path / "figures") as out:
+        (out / "a.png").write_text("a")
+        (out / "b.png").write_text("b")
+    synced = [Path(path).name for kind, path in calls[:-2] if kind == "fsync"]
+    assert sorted(synced[:2]) == ["a.png", "b.png"] and len(synced) == 3  # the files, then their folder
+    assert calls[-2:] == [("replace", str(tmp_path / "figures")), ("fsync", str(tmp_path))]

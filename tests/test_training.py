@@ -154,6 +154,36 @@ def test_a_run_resumed_from_its_checkpoint_ends_bit_for_bit_as_an_uninterrupted_
         assert torch.equal(a, b)
 
 
+DAMAGES = {  # how a checkpoint was damaged, and the line that says so
+    "truncated": (lambda b: b[: len(b) // 2], "is a truncated PyTorch archive"),
+    "a changed byte": (lambda b: b[:1000] + bytes([b[1000] ^ 0xFF]) + b[1001:], "is damaged (a checksum fails)"),
+    "another archive": (None, "is not a vaelab checkpoint"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_is_named_in_one_line_and_training_starts_afresh(mnist, tmp_path, capsys, damage):
+    """A checkpoint is a cache: a torn or foreign one (a power cut, a full disk) costs the epochs it held, never
+    the run; the run then ends as an uninterrupted one does."""
+    images = data.to_float(mnist["train"].images[:1000])
+    params = Params(epochs=3, batch_size=100, device="cpu")
+    whole = train(params, images[:800], images[800:], images[:300])
+    state = tmp_path / "state.pt"
+    train(Params(epochs=2, batch_size=100, device="cpu"), images[:800], images[800:], images[:300],
+          checkpointing=Checkpointing(state, every_seconds=0))
+    change, problem = DAMAGES[damage]
+    if change is None:
+        torch.save({"epoch": 2, "weights": torch.zeros(3)}, state)
+    else:
+        state.write_bytes(change(state.read_bytes()))
+    capsys.readouterr()
+
+    resumed = train(params, images[:800], images[800:], images[:300], checkpointing=Checkpointing(state))
+
+    assert capsys.readouterr().err == f"warning: the checkpoint {state} {problem}; training starts afresh\n"
+    assert resumed.resumed_at == 0 and resumed.history == whole.history
+
+
 def test_a_diverging_run_stops_naming_epoch_and_step(mnist):
     images = data.to_float(mnist["train"].images[:1000])
     with pytest.raises(TrainingDiverged, match=r"at epoch 1, step \d+ of 8"):

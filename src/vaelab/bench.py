@@ -35,6 +35,7 @@ import torch
 from vaelab import data, metrics, training
 from vaelab.config import Params
 from vaelab.model import IMAGE_PIXELS, SEED_LOSS_SCALE, VAE, ModelConfig, linear, matmul_kernel, resolve_device
+from vaelab.stages import atomic_file
 
 HIDDEN = (256, 128)  # the seed's layer widths, encoder order; the decoder mirrors them
 # the other trainings timed beside the seed's in each round: name -> how their params differ from the seed's
@@ -340,8 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for key, value in report.items():
         print(f"{key}: {value}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_file(args.out) as path:
+        path.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -122,14 +122,16 @@ def validate(raw: Any) -> Params:
 
 
 def load(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; a missing key takes its default."""
-    import yaml  # here, so that the training core imports with PyTorch alone (a bare GPU box)
+    """Read and validate a params file; a missing key takes its default. It is read as DVC reads it (ruamel.yaml's
+    safe loader, YAML 1.2), so that the value validated is the one `dvc exp show` records: `lr: 3e-4` is a number,
+    and `conditional: yes` the string 'yes', not YAML 1.1's true."""
+    from ruamel.yaml import YAML, YAMLError  # here: the training core imports with PyTorch alone (a bare GPU box)
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = YAML(typ="safe").load(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found; run the stages from the repository root") from None
-    except yaml.YAMLError as error:
-        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    except YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     return validate(raw if raw is not None else {})

@@ -167,7 +167,8 @@ def _failure(folder: Path, expected_md5: dict[str, str], mirror: str | None, err
         if not path.exists():
             reason = [line for line in str(error).splitlines() if line.strip()][-1].strip()
             return f"MNIST file {name} could not be fetched from {where}: {reason}"
-    return f"MNIST files in {folder} could not be read: {error}"
+    # the four files are whole: torchvision's unpacked copies beside them are damaged, and only a cache
+    return f"MNIST files in {folder} could not be read ({error}); delete that folder (a download cache) and run again"
 
 
 def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:

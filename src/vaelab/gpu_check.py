@@ -30,6 +30,7 @@ import torch
 
 from vaelab import bench, data, training
 from vaelab.config import Params
+from vaelab.stages import atomic_file
 
 CUDA_TESTS = ["tests/test_backprop.py", "tests/test_training.py", "-k", "cuda"]
 
@@ -90,11 +91,11 @@ def main(argv: list[str] | None = None) -> dict:
     report = {}
     report.update({"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
                    "command": "make gpu-check"})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(key, value):
         report[key] = value
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        with atomic_file(args.out) as path:  # a kill mid-write leaves the parts recorded before it
+            path.write_text(json.dumps(report, indent=2) + "\n")
 
     def attempt(key, work):
         """Run one part; a failure is recorded under `key` and the other parts still run."""

@@ -108,7 +108,7 @@ def run(row: Row, splits: dict[str, data.Split], device: str = "auto", checkpoin
     # the training seconds of earlier, stopped runs (epochs trained again after a stop included) and the epochs
     # they resumed at: only meaningful beside their checkpoint
     progress = {"train_s": 0.0, "resumed_at": []}
-    if checkpoint.exists():
+    if resume.usable(checkpoint):
         progress = json.loads(progress_file.read_text()) if progress_file.exists() else progress
         progress["resumed_at"].append(resume.epoch_of(checkpoint))
         print(f"{row.name}: continuing from its checkpoint {checkpoint} at epoch {progress['resumed_at'][-1]} "

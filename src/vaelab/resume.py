@@ -2,12 +2,16 @@
 optimizer state, random number generators, history and snapshots), written whole or not at all."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from vaelab.data import DamagedInput, load_archive
 from vaelab.stages import atomic_file
+
+STATE_KEYS = ("epoch", "model", "optimizer", "rng", "cuda_rng", "shuffle_rng", "history", "snapshots")
 
 
 @dataclass
@@ -33,6 +37,25 @@ def save(path: Path, epoch, model, optimizer, shuffle, history, snapshots) -> No
     }
     with atomic_file(path) as partial:  # a kill mid-write leaves the previous checkpoint intact
         torch.save(state, partial)
+
+
+def usable(path: Path) -> bool:
+    """Whether `path` holds a whole checkpoint to continue from. A damaged one (a power cut, a full disk, another
+    program's file) is said in one line and removed, and training starts afresh: a checkpoint is a cache, so
+    nothing a user made is lost."""
+    if not path.exists():
+        return False
+    try:
+        state = load_archive(path, "train")
+        problem = None if isinstance(state, dict) and all(key in state for key in STATE_KEYS) else (
+            "is not a vaelab checkpoint")
+    except DamagedInput as damaged:
+        problem = damaged.problem
+    if problem is None:
+        return True
+    print(f"warning: the checkpoint {path} {problem}; training starts afresh", file=sys.stderr, flush=True)
+    path.unlink()
+    return False
 
 
 def epoch_of(path: Path) -> int:

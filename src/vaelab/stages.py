@@ -121,7 +121,8 @@ def check_writable(*outputs: Path) -> None:
 
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it becomes `path` only if the block succeeds.
+    """Yield a temporary path beside `path`; it becomes `path` only if the block succeeds, and reaches the disk
+    (fsync of the file, then of its folder) before it replaces the old one.
 
     The temporary file has `path`'s own name, in a temporary folder: `torch.save` records the file name
     inside the archive, and the same data must give the same bytes (and DVC hash) on every run."""
@@ -129,23 +130,41 @@ def atomic_file(path: Path) -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield folder / path.name
+        _sync(folder / path.name)
         os.replace(folder / path.name, path)
+        _sync(path.parent)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds, its files on the
+    disk first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield temporary
+        for folder, _, files in os.walk(temporary):
+            for name in files:
+                _sync(Path(folder, name))
+            _sync(Path(folder))
         if path.exists():
             shutil.rmtree(path)
         os.replace(temporary, path)
+        _sync(path.parent)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _sync(path: Path) -> None:
+    """Make `path` (a file, or a folder's list of names) reach the disk before what depends on it: a rename is
+    only as durable as the data it points to, and after a power cut the renamed file would read empty."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_rows(rows: list[dict], path: Path) -> None:

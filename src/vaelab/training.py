@@ -306,7 +306,7 @@ def train(
     snapshot_at = set(snapshot_epochs(params.epochs))
     history, snapshots = [], Snapshots()
     done = 0
-    if checkpointing is not None and checkpointing.path.exists():
+    if checkpointing is not None and resume.usable(checkpointing.path):
         done = resume.restore(checkpointing.path, model, optimizer, shuffle, history, snapshots)
         if on_epoch is not None:
             for row in history:
