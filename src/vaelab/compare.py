@@ -3,13 +3,15 @@
     vaelab compare [--experiment vaelab] [--tag dvc.exp_baseline_rev=<rev>] [--out reports/compare]
 
 Reads the runs from MLflow into pandas (`mlflow.search_runs`) and writes a table of parameters and final
-metrics per run (runs.md, runs.csv); the runs grouped by setting, where a group's runs differ only in seed,
-with n, mean, standard deviation and 95% confidence interval of each final metric (groups.md, groups.csv); for
-every two groups that differ in one parameter, Welch's t-test of each metric (differences.md, differences.csv);
-each group's mean against `latent_dim` with error bars, the validation learning curves averaged over seeds,
-and the final manifolds side by side. The same files are logged to MLflow in a run of their own (tagged
-`vaelab.kind = comparison`). The statistics are pure functions of the runs table (`summarize`, `differences`,
-`curves`); MLflow is read and figures drawn around them.
+metrics per run (runs.md, runs.csv); the runs grouped by setting (the training parameters and the evaluation's K),
+where a group's runs differ only in seed, with n, mean, standard deviation and 95% confidence interval of each
+final metric (groups.md, groups.csv); for every two groups that differ in one parameter, Welch's t-test of each
+metric, judged by its Benjamini-Hochberg q over all the report's tests (differences.md, differences.csv); each
+group's mean against `latent_dim` with error bars, the validation learning curves averaged over seeds, and the
+final manifolds side by side. A run never evaluated, and all but the latest run of a setting and seed, are left
+out of the statistics and named. The same files are logged to MLflow in a run of their own (tagged
+`vaelab.kind = comparison`). The statistics are pure functions of the runs table (`left_out`, `summarize`,
+`differences`, `curves`); MLflow is read and figures drawn around them.
 """
 from __future__ import annotations
 
@@ -17,35 +19,38 @@ import argparse
 import itertools
 import os
 import sys
-import tempfile
 import textwrap
 import warnings
 from pathlib import Path
 
-import matplotlib
+import mlflow
+import numpy as np
+import pandas as pd
+from scipy import stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from vaelab import access, store  # noqa: E402
-from vaelab.compare_figures import label, learning_curves, metrics_against_latent_dim  # noqa: E402
-from vaelab.config import Params  # noqa: E402
-from vaelab.stages import StageError  # noqa: E402
-from vaelab.tracking import metric_name  # noqa: E402
+from vaelab import access, store
+from vaelab.compare_figures import label, learning_curves, manifold_panels, metrics_against_latent_dim
+from vaelab.config import EVALUATION_ONLY, Params
+from vaelab.stages import StageError
+from vaelab.tracking import metric_name
 
 # The settings that shape a trained model, from the one schema; where it trained (`device`) is not a setting
 PARAMS = [name for name in Params().training_dict() if name != "device"]
+# How it was evaluated is part of a run's setting too (K of test_iwae_nll: a bound at K = 20 is not one at 5000);
+# `evaluate` logs these as tags, since a re-evaluation may change them and MLflow params cannot change
+SETTINGS = PARAMS + list(EVALUATION_ONLY)
 # Settings added later whose default is what every run before them trained: a run that lacks one had its default
 DEFAULT_WHEN_ABSENT = ("conditional", "architecture", "objective", "train_samples", "output_bias")
 # test_iwae_nll_given_label: conditional runs only; their test_neg_elbo, test_kl and gap are given the label too
 FINAL_METRICS = ["test_neg_elbo", "test_iwae_nll", "test_iwae_nll_given_label", "test_kl", "test_elbo_gap",
                  "test_active_units",
                  "test_latent_classifier_accuracy", "test_mse_per_pixel"]
+# What a conditional and an unconditional run measure alike (docs/conditional.md). test_iwae_nll bounds -log p(x)
+# in both (the conditional's over the ten labels). Active units and the latent classifier describe the encoder's
+# means the same way in both; that the conditional's z need not carry the digit is the difference they measure.
+# The rest of a conditional run's numbers are given the true label, which an unconditional run does not have: the
+# ELBO, its KL and gap, -log p(x|y), and the per-pixel MSE, whose reconstruction is decoded from z and the label.
+COMPARABLE_ACROSS_CONDITIONAL = ("test_iwae_nll", "test_active_units", "test_latent_classifier_accuracy")
 CURVE_METRIC = "val_neg_elbo"
 KIND_TAG = "vaelab.kind"
 SEED = "seed"
@@ -53,9 +58,12 @@ MISSING = "(missing)"  # the value of a parameter a run did not log: a setting o
 ALPHA = 0.05
 TEST = "Welch's t-test"
 BEYOND, WITHIN, TOO_FEW = "differs beyond seed noise", "within seed noise", "n too small"
+NOT_COMPARABLE = "not comparable"
+NOT_EVALUATED, SUPERSEDED = "not evaluated", "a later run of its setting and seed counts"
 STATS = ["n", "mean", "std", "ci95_low", "ci95_high"]
 DIFFERENCE_COLUMNS = ["metric", "parameter", "value_a", "value_b", "group_a", "group_b", "n_a", "n_b", "mean_a",
-                      "mean_b", "difference", "t", "p_value", "test", "verdict"]
+                      "mean_b", "difference", "t", "p_value", "q_value", "test", "verdict"]
+LEFT_OUT_COLUMNS = ["run", "run_id", "reason", "group", SEED, "counted"]
 WIDTH = 110  # the prose of the Markdown reports, for a terminal of 100-120 columns
 
 
@@ -71,12 +79,15 @@ def training_runs(experiment: str, tags: dict[str, str]) -> pd.DataFrame:
 
 
 def table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Run name and id, the parameters (strings, as MLflow keeps them), and the final test metrics present in any
-    run, each under its key whether the run logged it under its sectioned name (`tracking.metric_name`) or, before
-    those, under the key itself."""
+    """Run name and id, when it finished (its end, or its start where it has none), the settings (strings, as MLflow
+    keeps them: the parameters, and the evaluation's tags), and the final test metrics present in any run, each
+    under its key whether the run logged it under its sectioned name (`tracking.metric_name`) or, before those,
+    under the key itself."""
     columns = {"tags.mlflow.runName": "run", "run_id": "run_id"}
     columns |= {f"params.{p}": p for p in PARAMS if f"params.{p}" in runs}
+    columns |= {f"tags.{p}": p for p in EVALUATION_ONLY if f"tags.{p}" in runs}
     frame = runs[list(columns)].rename(columns=columns)
+    frame.insert(2, "finished", runs["end_time"].fillna(runs["start_time"]))
     for key in FINAL_METRICS:
         logged = [runs[column] for column in (f"metrics.{metric_name(key)}", f"metrics.{key}") if column in runs]
         if logged:
@@ -127,7 +138,7 @@ def _order(value: str) -> tuple:
 
 def _params(frame: pd.DataFrame) -> list[str]:
     """The parameters in `frame` that define a setting: all but the seed."""
-    return [p for p in PARAMS if p != SEED and p in frame]
+    return [p for p in SETTINGS if p != SEED and p in frame]
 
 
 def _metrics(frame: pd.DataFrame) -> list[str]:
@@ -157,6 +168,22 @@ def settings(frame: pd.DataFrame) -> pd.DataFrame:
     return values.assign(group=pd.Series(group, index=frame.index))[["group", SEED, *params]]
 
 
+def left_out(frame: pd.DataFrame) -> pd.DataFrame:
+    """The runs the statistics leave out, and why (LEFT_OUT_COLUMNS): a run without test metrics (trained, never
+    evaluated) has nothing to compare; of several runs of one setting and seed (a re-run, another commit, a CPU and
+    a GPU run) only the latest finished counts, named beside the others: a seed counted twice would narrow the
+    interval with no new evidence. Groups as `settings` names them among the evaluated runs, the counted ones'."""
+    evaluated = frame[_metrics(frame)].notna().any(axis=1)
+    runs = settings(frame[evaluated]).join(frame[["run", "run_id"]])
+    # latest first; of two that finished together, the one started later (the frame is oldest first)
+    latest = runs.loc[frame.loc[evaluated, "finished"][::-1].sort_values(ascending=False, kind="stable").index]
+    older = latest.duplicated(["group", SEED])
+    counted = latest[~older].assign(counted=latest["run"] + " (" + latest["run_id"] + ")")[["group", SEED, "counted"]]
+    superseded = latest[older].merge(counted, on=["group", SEED]).assign(reason=SUPERSEDED)
+    unevaluated = frame.loc[~evaluated, ["run", "run_id"]].assign(reason=NOT_EVALUATED, group="", seed="", counted="")
+    return pd.concat([unevaluated, superseded], ignore_index=True)[LEFT_OUT_COLUMNS]
+
+
 def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per group: its parameters, n runs, their seeds and names, and per final metric the n runs that have
     it, their mean, sample standard deviation (ddof=1) and the 95% confidence interval of the mean (Student t
@@ -178,11 +205,24 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def benjamini_hochberg(p_values: pd.Series) -> pd.Series:
+    """Each p-value's Benjamini-Hochberg q over all the p-values given (NaN, no test, stays NaN and is not counted):
+    calling "differs" every test with q <= alpha keeps the expected share of false calls among them at alpha, however
+    many metrics and settings a report tests, where p <= alpha alone calls 1 in 20 of the true nulls."""
+    tested = p_values.dropna()
+    q = pd.Series(np.nan, index=p_values.index)
+    if len(tested):
+        q[tested.index] = stats.false_discovery_control(tested.to_numpy())
+    return q
+
+
 def differences(frame: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
     """For every two groups whose settings differ in exactly one parameter (the only pairs whose difference can be
     put down to that parameter) and every final metric: Welch's two-sided t-test of the two groups' values, which
-    does not assume a setting leaves the seed noise unchanged. The difference and t are b - a, where a is the
-    group first in order (the smaller number). Either group under 2 runs: no test, verdict "n too small"."""
+    does not assume a setting leaves the seed noise unchanged, and its q (`benjamini_hochberg`, over every test of
+    the table), which the verdict follows. The difference and t are b - a, where a is the group first in order (the
+    smaller number). Either group under 2 runs: no test, verdict "n too small"; a pair that differs in
+    `conditional`, on a metric not in COMPARABLE_ACROSS_CONDITIONAL: no test, "not comparable"."""
     runs = settings(frame)
     params = _params(frame)
     head = runs.drop_duplicates("group").set_index("group").sort_index()
@@ -199,20 +239,28 @@ def differences(frame: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
             if min(len(x), len(y)) == 0:  # a metric one kind of run has not (test_iwae_nll_given_label)
                 continue
             t = p = np.nan
-            if min(len(x), len(y)) >= 2:
+            verdict = TOO_FEW if min(len(x), len(y)) < 2 else None  # None: tested, judged by q below
+            if param == "conditional" and metric not in COMPARABLE_ACROSS_CONDITIONAL:
+                verdict = NOT_COMPARABLE
+            elif verdict is None:
                 with warnings.catch_warnings():  # identical values (active units) warn; scipy's nan or inf is right
                     warnings.simplefilter("ignore", RuntimeWarning)
                     t, p = (float(v) for v in stats.ttest_ind(y, x, equal_var=False))
-            # p is nan where both groups are constant and equal (active units): no difference at all
-            verdict = TOO_FEW if min(len(x), len(y)) < 2 else BEYOND if p < alpha else WITHIN
+            difference = np.nan if verdict == NOT_COMPARABLE else y.mean() - x.mean()
             rows.append([metric, param, head.at[a, param], head.at[b, param], a, b, len(x), len(y), x.mean(),
-                         y.mean(), y.mean() - x.mean(), t, p, TEST, verdict])
-    return pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS)
+                         y.mean(), difference, t, p, np.nan, "" if verdict == NOT_COMPARABLE else TEST, verdict])
+    diffs = pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS)
+    diffs["q_value"] = benjamini_hochberg(diffs["p_value"])
+    # q is nan where both groups are constant and equal (active units; p nan): no difference at all
+    tested = diffs["verdict"].isna()
+    diffs.loc[tested, "verdict"] = np.where(diffs.loc[tested, "q_value"] <= alpha, BEYOND, WITHIN)
+    return diffs
 
 
 def curves(frame: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
     """Per group and step, the mean of a logged metric over the group's seeds with its min, max and n: the
-    learning curve of a setting and how far its seeds stray. `points` is `histories` (run_id, step, value)."""
+    learning curve of a setting and how far its seeds stray. `points` is `histories` (run_id, step, value);
+    points of runs not in `frame` are left out."""
     group = settings(frame)["group"].set_axis(frame["run_id"])
     grouped = points.assign(group=points["run_id"].map(group)).groupby(["group", "step"], observed=True)["value"]
     return grouped.agg(["mean", "min", "max", "count"]).rename(columns={"count": "n"}).reset_index()
@@ -249,14 +297,31 @@ def _overview(summary: pd.DataFrame) -> str:
     return _markdown(summary[["group", *_varying(summary), "n", "seeds"]])
 
 
-def groups_markdown(summary: pd.DataFrame) -> str:
+def _left_out_markdown(left: pd.DataFrame) -> str:
+    """The runs `left_out` names, by name and id: a line for each run never evaluated, and a table of the runs of a
+    setting and seed that a later run replaces, beside the run counted."""
+    if left.empty:
+        return ""
+    unevaluated, older = (left[left["reason"] == reason] for reason in (NOT_EVALUATED, SUPERSEDED))
+    text = "\n## Runs left out of the statistics\n\n" + "".join(
+        f"- {run} ({run_id}): not evaluated (no test metrics)\n" for run, run_id in unevaluated[["run", "run_id"]].values)
+    if len(older):
+        text += ("\n" if len(unevaluated) else "") + _prose(
+            "A setting and seed with several runs (a re-run, another commit, a CPU and a GPU run) counts once: the "
+            "latest finished.") + "\n" + _markdown(older[["group", SEED, "counted", "run"]].assign(
+                run=older["run"] + " (" + older["run_id"] + ")").rename(columns={"run": "left out"}))
+    return text
+
+
+def groups_markdown(summary: pd.DataFrame, left: pd.DataFrame) -> str:
     varying = _varying(summary)
     same = ", ".join(f"{p}={summary.at[0, p]}" for p in _params(summary) if p not in varying)
     text = "# Groups of runs that differ only in seed\n\n" + _prose(
-        f"{summary['n'].sum()} runs in {len(summary)} groups." + (f" The same in every group: {same}." if same else ""),
+        f"{summary['n'].sum()} runs in {len(summary)} groups" + (f", {len(left)} left out (below)" if len(left) else "")
+        + "." + (f" The same in every group: {same}." if same else ""),
         "Per group and final metric: n runs with the metric, their mean, the sample standard deviation (std, "
         "ddof=1) and the 95% confidence interval of the mean (Student t); no std or interval where n = 1.")
-    text += "\n" + _overview(summary)
+    text += "\n" + _overview(summary) + _left_out_markdown(left)
     for metric in _summarized_metrics(summary):
         columns = {"group": "group", **{p: p for p in varying}} | {f"{metric}_{s}": s.replace("_", " ") for s in STATS}
         text += f"\n## {metric}\n\n" + _markdown(summary[list(columns)].rename(columns=columns))
@@ -265,21 +330,25 @@ def groups_markdown(summary: pd.DataFrame) -> str:
 
 def _verdicts(diffs: pd.DataFrame) -> str:
     counts = diffs["verdict"].value_counts()
+    unlike = f", {counts[NOT_COMPARABLE]} are not comparable" if NOT_COMPARABLE in counts else ""
     return (f"{counts.get(BEYOND, 0)} of {len(diffs)} comparisons differ beyond seed noise, {counts.get(WITHIN, 0)}"
-            f" are within it, {counts.get(TOO_FEW, 0)} have n too small (a group of fewer than 2 runs). No correction"
-            " for multiple comparisons: where a parameter changes nothing, about 1 test in 20 still says it differs.")
+            f" are within it, {counts.get(TOO_FEW, 0)} have n too small (a group of fewer than 2 runs){unlike}. Each "
+            f"verdict follows the test's Benjamini-Hochberg q over all {diffs['p_value'].notna().sum()} tests of this "
+            f"report (every metric and pair), at {ALPHA}: among the differences called beyond seed noise, the "
+            f"expected share of false ones is at most {ALPHA:.0%}, however many metrics and settings are tested.")
 
 
 def _difference_sections(diffs: pd.DataFrame) -> str:
     """One table per metric: the parameter and its values a and b, the groups and their n (a/b), the means,
-    b - a, the p-value and the verdict."""
+    b - a, the p-value, its q and the verdict."""
     text = ""
     for metric, rows in diffs.groupby("metric", sort=False):
         shown = pd.DataFrame({
             "param": rows["parameter"], "a": rows["value_a"], "b": rows["value_b"],
             "groups": rows["group_a"].astype(str) + "/" + rows["group_b"].astype(str),
             "n": rows["n_a"].astype(str) + "/" + rows["n_b"].astype(str), "mean a": rows["mean_a"],
-            "mean b": rows["mean_b"], "b - a": rows["difference"], "p": rows["p_value"], "verdict": rows["verdict"]})
+            "mean b": rows["mean_b"], "b - a": rows["difference"], "p": rows["p_value"], "q": rows["q_value"],
+            "verdict": rows["verdict"]})
         text += f"\n## {metric}\n\n" + _markdown(shown)
     return text
 
@@ -287,65 +356,63 @@ def _difference_sections(diffs: pd.DataFrame) -> str:
 def differences_markdown(diffs: pd.DataFrame, summary: pd.DataFrame) -> str:
     text = "# Differences between settings, against the seed noise\n\n" + _prose(
         "Every two groups whose settings differ in exactly one parameter, per final metric: "
-        f"{TEST} (two-sided, unequal variances) of the seeds' values at alpha {ALPHA}. b - a is the difference of "
-        "the means, p its p-value; \"n too small\": a group has fewer than 2 runs with the metric. The groups (as in "
-        "groups.md):")
+        f"{TEST} (two-sided, unequal variances) of the seeds' values. b - a is the difference of the means, p its "
+        f"p-value and q its Benjamini-Hochberg q-value over all the tests below; beyond seed noise where q <= {ALPHA}."
+        " \"n too small\": a group has fewer than 2 runs with the metric. \"not comparable\": the groups differ in "
+        "`conditional` and a conditional run's value is given the label; only "
+        f"{', '.join(COMPARABLE_ACROSS_CONDITIONAL)} mean the same for both. The groups (as in groups.md):")
     return text + "\n" + _overview(summary) + "\n" + _prose(_verdicts(diffs)) + _difference_sections(diffs)
 
 
-def console(summary: pd.DataFrame, diffs: pd.DataFrame, out: Path) -> str:
-    """What `vaelab compare` prints: the groups, then the differences that exceed the seed noise."""
+def console(summary: pd.DataFrame, diffs: pd.DataFrame, left: pd.DataFrame, out: Path) -> str:
+    """What `vaelab compare` prints: the groups and the runs left out, then the differences beyond the seed noise."""
     beyond = diffs[diffs["verdict"] == BEYOND]
     return (f"{summary['n'].sum()} runs compared ({len(summary)} groups of runs that differ only in seed) -> {out}/\n\n"
-            + groups_markdown(summary) + f"\n# Beyond seed noise ({TEST}, two-sided, alpha {ALPHA})\n\n"
+            + groups_markdown(summary, left)
+            + f"\n# Beyond seed noise ({TEST}, two-sided, Benjamini-Hochberg q <= {ALPHA})\n\n"
             + _prose(_verdicts(diffs) + f" All comparisons: {out / 'differences.md'}.") + _difference_sections(beyond))
 
 
-# --- figures ---
-
-def manifolds(frame: pd.DataFrame, path: Path) -> Path:
-    """Each run's final manifold (its logged figures/manifold.png, a conditional run's manifold_per_digit.png),
-    side by side, the seeds of a setting next to each other, titled by its seed and settings."""
-    runs = settings(frame).sort_values("group", kind="stable")
+def manifolds(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Each run's final manifold (`manifold_panels`): its figures/manifold.png, a conditional run's
+    manifold_per_digit.png, the seeds of a setting side by side, titled by run, seed and settings. Returns the runs
+    that have none (run, run_id)."""
+    runs = settings(frame).sort_values("group", kind="stable").join(frame[["run", "run_id"]])
     varying = _varying(runs)
-    columns = min(4, len(frame))
-    rows = -(-len(frame) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.3 * rows), squeeze=False)
-    with tempfile.TemporaryDirectory() as scratch:
-        for ax, (index, run) in zip(axes.flat, runs.iterrows()):
-            run_id = frame.at[index, "run_id"]
-            name = "manifold_per_digit.png" if run.get("conditional") == "True" else "manifold.png"
-            image = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"figures/{name}",
-                                                        dst_path=os.path.join(scratch, run_id))
-            ax.imshow(Image.open(image))
-            ax.set_title(f"{frame.at[index, 'run']}, seed {run[SEED]}\n{label(run, varying)}", fontsize=9)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    figure = {True: "figures/manifold_per_digit.png", False: "figures/manifold.png"}
+    missing = manifold_panels([(f"{run['run']}, seed {run[SEED]}\n{label(run, varying)}", run["run_id"],
+                                figure[run.get("conditional") == "True"]) for run in runs.to_dict("records")], path)
+    return runs.iloc[missing][["run", "run_id"]]
 
 
-def write_report(frame: pd.DataFrame, points: pd.DataFrame, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The tables and the two figures that need no MLflow (all but the manifolds); returns (summary, diffs)."""
-    summary, diffs = summarize(frame), differences(frame)
+def write_report(frame: pd.DataFrame, points: pd.DataFrame,
+                 out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The tables and the two figures that need no MLflow (all but the manifolds), of the runs not `left_out`;
+    returns (summary, diffs, left out). runs.csv and runs.md list every run, with why one is left out."""
+    left = left_out(frame)
+    counted = frame[~frame["run_id"].isin(left["run_id"])]
+    if counted.empty:
+        raise StageError(f"none of the {len(frame)} finished training runs has test metrics: they were trained, "
+                         "never evaluated (dvc repro evaluate)")
+    summary, diffs = summarize(counted), differences(counted)
     out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / "runs.csv", index=False)
-    (out / "runs.md").write_text(_markdown(frame))
+    runs = frame.assign(left_out=frame["run_id"].map(left.set_index("run_id")["reason"]))
+    runs.to_csv(out / "runs.csv", index=False)
+    (out / "runs.md").write_text(_markdown(runs))
     summary.to_csv(out / "groups.csv", index=False)
-    (out / "groups.md").write_text(groups_markdown(summary))
+    (out / "groups.md").write_text(groups_markdown(summary, left))
     diffs.to_csv(out / "differences.csv", index=False)
     (out / "differences.md").write_text(differences_markdown(diffs, summary))
     others = [p for p in _varying(summary) if p != "latent_dim"]
     metrics_against_latent_dim(summary, _summarized_metrics(summary), others, out / "metrics_vs_latent_dim.png")
-    learning_curves(curves(frame, points), summary, _varying(summary), out / "learning_curves.png", CURVE_METRIC)
-    return summary, diffs
+    learning_curves(curves(counted, points), summary, _varying(summary), out / "learning_curves.png", CURVE_METRIC)
+    return summary, diffs, left
 
 
-def compare(experiment: str, tags: dict[str, str], out: Path, log: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+def compare(experiment: str, tags: dict[str, str], out: Path,
+            log: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Read the runs from MLflow, write the report into `out` and (unless not `log`) log it; returns
-    (summary, diffs)."""
+    (summary, diffs, left out)."""
     access.check_access(write=False, experiment=experiment)
     mlflow.set_tracking_uri(store.tracking_uri())
     runs = training_runs(experiment, tags)
@@ -353,8 +420,10 @@ def compare(experiment: str, tags: dict[str, str], out: Path, log: bool = True) 
         raise StageError(f"no finished training runs in experiment {experiment!r}"
                          + (f" with tags {tags}" if tags else ""))
     frame = table(runs)
-    summary, diffs = write_report(frame, histories(list(frame["run_id"])), out)
-    manifolds(frame, out / "manifolds.png")
+    summary, diffs, left = write_report(frame, histories(list(frame["run_id"])), out)
+    for run, run_id in manifolds(frame[~frame["run_id"].isin(left["run_id"])], out / "manifolds.png").values:
+        print(f"no manifold figure in MLflow for {run} ({run_id}), never rendered: its panel in manifolds.png is "
+              "empty", file=sys.stderr)
     experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
     if log and (refusal := access.write_refusal(experiment_id, experiment)):  # a reader: the report, no run
         print(f"the comparison run was not logged: {refusal}", file=sys.stderr)
@@ -362,7 +431,7 @@ def compare(experiment: str, tags: dict[str, str], out: Path, log: bool = True) 
         with store.store_lock(), mlflow.start_run(experiment_id=experiment_id, run_name="comparison",
                                                      tags={KIND_TAG: "comparison", **tags}):
             mlflow.log_artifacts(str(out), "compare")
-    return summary, diffs
+    return summary, diffs, left
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -376,5 +445,5 @@ def main(argv: list[str] | None = None) -> None:
     bad = [t for t in args.tag if "=" not in t]
     if bad:
         parser.error(f"--tag takes KEY=VALUE, got {bad[0]!r}")
-    summary, diffs = compare(args.experiment, dict(t.split("=", 1) for t in args.tag), args.out, log=not args.no_log)
-    print(console(summary, diffs, args.out), end="")
+    report = compare(args.experiment, dict(t.split("=", 1) for t in args.tag), args.out, log=not args.no_log)
+    print(console(*report, args.out), end="")
