@@ -14,7 +14,8 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from projects import Project, free_port, http_service, new_project, user_env
+from PIL import Image
+from projects import SMALL, Project, free_port, http_service, new_project, user_env
 
 pytestmark = pytest.mark.e2e
 PASSWORD = "team-secret"
@@ -117,8 +118,11 @@ def test_runs_live_in_postgresql_and_their_artifacts_in_the_servers_artifact_roo
 
     for run in runs:  # proxied by the server: clients need no access to the artifact root themselves
         assert run.info.artifact_uri.startswith("mlflow-artifacts:")
-        stored = list(team["artifacts"].rglob(f"{run.info.run_id}/artifacts/figures/manifold.gif"))
-        assert len(stored) == 1 and stored[0].stat().st_size > 1000
+        [stored] = team["artifacts"].rglob(f"{run.info.run_id}/artifacts/figures/manifold.gif")
+        with Image.open(stored) as gif:
+            assert gif.n_frames == SMALL["epochs"]  # a frame of the manifold at each epoch
+    # the last run's GIF is the one its render stage drew in the workspace, byte for byte
+    assert stored.read_bytes() == (first_machine / "reports" / "figures" / "manifold.gif").read_bytes()
     mlflow.set_tracking_uri(team["tracking_uri"])
     decoder = mlflow.pyfunc.load_model(f"runs:/{runs[1].info.run_id}/model")
     assert decoder.predict(np.zeros((1, 3), dtype=np.float32)).shape == (1, 28, 28)
