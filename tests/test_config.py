@@ -40,6 +40,7 @@ def test_missing_keys_take_defaults_and_ints_are_accepted_as_floats():
         ({"lr": -0.001}, ["lr", "-0.001"]),
         ({"lr": float("nan")}, ["lr", "nan"]),
         ({"batch_size": 0}, ["batch_size", "0"]),
+        ({"batch_size": 1}, ["batch_size", "1", "out of range", "from 2"]),
         ({"batch_size": 60000}, ["batch_size", "60000", "larger than the training set", "55000"]),
         ({"epochs": 0}, ["epochs", "0", "from 1"]),
         ({"device": "tpu"}, ["device", "'tpu'", "auto, cpu, cuda"]),

@@ -71,7 +71,7 @@ _RULES: dict[str, tuple[type, Any, str]] = {
     "lr_schedule": (str, lambda v: v in LR_SCHEDULES, f"one of: {', '.join(LR_SCHEDULES)}"),
     "beta": (float, lambda v: 0.0 <= v <= 1000.0, "a number in [0, 1000]"),
     "kl_warmup_epochs": (int, lambda v: 0 <= v <= 100_000, "an integer from 0 to 100000"),
-    "batch_size": (int, lambda v: v >= 1, "a positive integer, at most the training set size"),
+    "batch_size": (int, lambda v: v >= 2, "an integer from 2 (BatchNorm needs two images) to the training set size"),
     "epochs": (int, lambda v: 1 <= v <= 100_000, "an integer from 1 to 100000"),
     "seed": (int, lambda v: 0 <= v < 2**63, "a non-negative integer"),
     "device": (str, lambda v: v in ("auto", "cpu", "cuda"), "one of: auto, cpu, cuda"),
