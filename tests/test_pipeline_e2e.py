@@ -465,3 +465,18 @@ def test_compare_groups_the_seeds_and_reports_what_mlflow_holds(sweep):
                              capture_output=True, text=True)
     assert nothing.returncode == 2 and "error: no finished training runs" in nothing.stderr
     assert "Traceback" not in nothing.stderr
+
+
+def test_compare_names_a_run_trained_but_never_evaluated_and_leaves_it_out(sweep):
+    """`dvc exp run train` alone beside the grid's finished runs: a finished run without test metrics or K."""
+    sweep.run("dvc", "exp", "run", "train", "--name", "trained-only")
+    [run] = [r for r in _runs(sweep) if r.data.tags.get("dvc.exp_name") == "trained-only"]
+    assert run.info.status == "FINISHED" and not any(key.startswith("test/") for key in run.data.metrics)
+    out = sweep.run("vaelab", "compare", "--no-log")
+    assert "6 runs compared (2 groups" in out
+    assert f"- trained-only ({run.info.run_id}): not evaluated (no test metrics)" in out.splitlines()
+    folder = sweep / "reports" / "compare"
+    assert pd.read_csv(folder / "groups.csv")["n"].tolist() == [3, 3]
+    runs = pd.read_csv(folder / "runs.csv").set_index("run")
+    assert runs.at["trained-only", "left_out"] == "not evaluated (no test metrics)"
+    assert runs["left_out"].isna().sum() == 6

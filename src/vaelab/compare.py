@@ -3,15 +3,13 @@
     vaelab compare [--experiment vaelab] [--tag dvc.exp_baseline_rev=<rev>] [--out reports/compare]
 
 Reads the runs from MLflow into pandas (`mlflow.search_runs`) and writes a table of parameters and final
-metrics per run (runs.md, runs.csv); the runs grouped by setting (the training parameters and the evaluation's K),
-where a group's runs differ only in seed, with n, mean, standard deviation and 95% confidence interval of each
-final metric (groups.md, groups.csv); for every two groups that differ in one parameter, Welch's t-test of each
-metric, judged by its Benjamini-Hochberg q over all the report's tests (differences.md, differences.csv); each
-group's mean against `latent_dim` with error bars, the validation learning curves averaged over seeds, and the
-final manifolds side by side. A run never evaluated, and all but the latest run of a setting and seed, are left
-out of the statistics and named. The same files are logged to MLflow in a run of their own (tagged
-`vaelab.kind = comparison`). The statistics are pure functions of the runs table (`left_out`, `summarize`,
-`differences`, `curves`); MLflow is read and figures drawn around them.
+metrics per run (runs.md, runs.csv); the runs grouped by setting (parameters and the evaluation's K), where a
+group's runs differ only in seed, with n, mean, standard deviation and 95% confidence interval of each final metric
+(groups.md, groups.csv); for every two groups that differ in one parameter, Welch's t-test of each metric, judged by
+its Benjamini-Hochberg q (differences.md, differences.csv); figures (`compare_figures`). A run never evaluated, and
+all but the latest run of a setting and seed, are left out and named. The files are logged to MLflow in a run of
+their own (tagged `vaelab.kind = comparison`). The statistics are pure functions of the runs table (`left_out`,
+`summarize`, `differences`, `curves`); MLflow is read and figures drawn around them.
 """
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ import argparse
 import itertools
 import os
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -29,7 +26,8 @@ import pandas as pd
 from scipy import stats
 
 from vaelab import access, store
-from vaelab.compare_figures import label, learning_curves, manifold_panels, metrics_against_latent_dim
+from vaelab.compare_figures import (difference_tables, label, learning_curves, left_out_markdown, manifold_panels,
+                                    markdown_table, metrics_against_latent_dim, prose)
 from vaelab.config import EVALUATION_ONLY, Params
 from vaelab.stages import StageError
 from vaelab.tracking import metric_name
@@ -43,8 +41,7 @@ SETTINGS = PARAMS + list(EVALUATION_ONLY)
 DEFAULT_WHEN_ABSENT = ("conditional", "architecture", "objective", "train_samples", "output_bias")
 # test_iwae_nll_given_label: conditional runs only; their test_neg_elbo, test_kl and gap are given the label too
 FINAL_METRICS = ["test_neg_elbo", "test_iwae_nll", "test_iwae_nll_given_label", "test_kl", "test_elbo_gap",
-                 "test_active_units",
-                 "test_latent_classifier_accuracy", "test_mse_per_pixel"]
+                 "test_active_units", "test_latent_classifier_accuracy", "test_mse_per_pixel"]
 # What a conditional and an unconditional run measure alike (docs/conditional.md). test_iwae_nll bounds -log p(x)
 # in both (the conditional's over the ten labels). Active units and the latent classifier describe the encoder's
 # means the same way in both; that the conditional's z need not carry the digit is the difference they measure.
@@ -59,12 +56,11 @@ ALPHA = 0.05
 TEST = "Welch's t-test"
 BEYOND, WITHIN, TOO_FEW = "differs beyond seed noise", "within seed noise", "n too small"
 NOT_COMPARABLE = "not comparable"
-NOT_EVALUATED, SUPERSEDED = "not evaluated", "a later run of its setting and seed counts"
+NOT_EVALUATED, SUPERSEDED = "not evaluated (no test metrics)", "a later run of its setting and seed counts"
 STATS = ["n", "mean", "std", "ci95_low", "ci95_high"]
 DIFFERENCE_COLUMNS = ["metric", "parameter", "value_a", "value_b", "group_a", "group_b", "n_a", "n_b", "mean_a",
                       "mean_b", "difference", "t", "p_value", "q_value", "test", "verdict"]
 LEFT_OUT_COLUMNS = ["run", "run_id", "reason", "group", SEED, "counted"]
-WIDTH = 110  # the prose of the Markdown reports, for a terminal of 100-120 columns
 
 
 def training_runs(experiment: str, tags: dict[str, str]) -> pd.DataFrame:
@@ -177,9 +173,9 @@ def left_out(frame: pd.DataFrame) -> pd.DataFrame:
     runs = settings(frame[evaluated]).join(frame[["run", "run_id"]])
     # latest first; of two that finished together, the one started later (the frame is oldest first)
     latest = runs.loc[frame.loc[evaluated, "finished"][::-1].sort_values(ascending=False, kind="stable").index]
-    older = latest.duplicated(["group", SEED])
-    counted = latest[~older].assign(counted=latest["run"] + " (" + latest["run_id"] + ")")[["group", SEED, "counted"]]
-    superseded = latest[older].merge(counted, on=["group", SEED]).assign(reason=SUPERSEDED)
+    kept = latest.drop_duplicates(["group", SEED])
+    counted = kept.assign(counted=kept["run"] + " (" + kept["run_id"] + ")")[["group", SEED, "counted"]]
+    superseded = runs.drop(kept.index).merge(counted, on=["group", SEED], how="left").assign(reason=SUPERSEDED)
     unevaluated = frame.loc[~evaluated, ["run", "run_id"]].assign(reason=NOT_EVALUATED, group="", seed="", counted="")
     return pd.concat([unevaluated, superseded], ignore_index=True)[LEFT_OUT_COLUMNS]
 
@@ -210,10 +206,7 @@ def benjamini_hochberg(p_values: pd.Series) -> pd.Series:
     calling "differs" every test with q <= alpha keeps the expected share of false calls among them at alpha, however
     many metrics and settings a report tests, where p <= alpha alone calls 1 in 20 of the true nulls."""
     tested = p_values.dropna()
-    q = pd.Series(np.nan, index=p_values.index)
-    if len(tested):
-        q[tested.index] = stats.false_discovery_control(tested.to_numpy())
-    return q
+    return pd.Series(stats.false_discovery_control(tested.to_numpy(float)), index=tested.index).reindex(p_values.index)
 
 
 def differences(frame: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
@@ -238,17 +231,16 @@ def differences(frame: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
             x, y = (frame.loc[runs["group"] == g, metric].dropna() for g in (a, b))
             if min(len(x), len(y)) == 0:  # a metric one kind of run has not (test_iwae_nll_given_label)
                 continue
+            unlike = param == "conditional" and metric not in COMPARABLE_ACROSS_CONDITIONAL
+            verdict = NOT_COMPARABLE if unlike else TOO_FEW if min(len(x), len(y)) < 2 else None  # None: by q below
             t = p = np.nan
-            verdict = TOO_FEW if min(len(x), len(y)) < 2 else None  # None: tested, judged by q below
-            if param == "conditional" and metric not in COMPARABLE_ACROSS_CONDITIONAL:
-                verdict = NOT_COMPARABLE
-            elif verdict is None:
+            if verdict is None:
                 with warnings.catch_warnings():  # identical values (active units) warn; scipy's nan or inf is right
                     warnings.simplefilter("ignore", RuntimeWarning)
                     t, p = (float(v) for v in stats.ttest_ind(y, x, equal_var=False))
-            difference = np.nan if verdict == NOT_COMPARABLE else y.mean() - x.mean()
             rows.append([metric, param, head.at[a, param], head.at[b, param], a, b, len(x), len(y), x.mean(),
-                         y.mean(), difference, t, p, np.nan, "" if verdict == NOT_COMPARABLE else TEST, verdict])
+                         y.mean(), np.nan if unlike else y.mean() - x.mean(), t, p, np.nan, "" if unlike else TEST,
+                         verdict])
     diffs = pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS)
     diffs["q_value"] = benjamini_hochberg(diffs["p_value"])
     # q is nan where both groups are constant and equal (active units; p nan): no difference at all
@@ -268,63 +260,23 @@ def curves(frame: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
 
 # --- Markdown and console ---
 
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return "" if np.isnan(value) else f"{value:.4g}"
-    return str(value)
-
-
-def _markdown(frame: pd.DataFrame) -> str:
-    """A Markdown table padded into columns (numbers to the right), so that it reads in a terminal as well as
-    rendered; numbers to 4 significant digits, blank where there is none (NaN)."""
-    cells = [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
-    right = [pd.api.types.is_numeric_dtype(frame[c]) for c in frame.columns]
-    widths = [max([3, len(str(c)), *(len(row[i]) for row in cells)]) for i, c in enumerate(frame.columns)]
-
-    def line(values: list[str]) -> str:
-        return "| " + " | ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 1) + (":" if r else "-") for w, r in zip(widths, right)) + "|"
-    return "\n".join([line([str(c) for c in frame.columns]), rule, *(line(row) for row in cells)]) + "\n"
-
-
-def _prose(*paragraphs: str) -> str:
-    return "\n\n".join(textwrap.fill(p, WIDTH) for p in paragraphs) + "\n"
-
-
 def _overview(summary: pd.DataFrame) -> str:
     """The groups by the parameters that vary between them, with their n and seeds."""
-    return _markdown(summary[["group", *_varying(summary), "n", "seeds"]])
-
-
-def _left_out_markdown(left: pd.DataFrame) -> str:
-    """The runs `left_out` names, by name and id: a line for each run never evaluated, and a table of the runs of a
-    setting and seed that a later run replaces, beside the run counted."""
-    if left.empty:
-        return ""
-    unevaluated, older = (left[left["reason"] == reason] for reason in (NOT_EVALUATED, SUPERSEDED))
-    text = "\n## Runs left out of the statistics\n\n" + "".join(
-        f"- {run} ({run_id}): not evaluated (no test metrics)\n" for run, run_id in unevaluated[["run", "run_id"]].values)
-    if len(older):
-        text += ("\n" if len(unevaluated) else "") + _prose(
-            "A setting and seed with several runs (a re-run, another commit, a CPU and a GPU run) counts once: the "
-            "latest finished.") + "\n" + _markdown(older[["group", SEED, "counted", "run"]].assign(
-                run=older["run"] + " (" + older["run_id"] + ")").rename(columns={"run": "left out"}))
-    return text
+    return markdown_table(summary[["group", *_varying(summary), "n", "seeds"]])
 
 
 def groups_markdown(summary: pd.DataFrame, left: pd.DataFrame) -> str:
     varying = _varying(summary)
     same = ", ".join(f"{p}={summary.at[0, p]}" for p in _params(summary) if p not in varying)
-    text = "# Groups of runs that differ only in seed\n\n" + _prose(
+    text = "# Groups of runs that differ only in seed\n\n" + prose(
         f"{summary['n'].sum()} runs in {len(summary)} groups" + (f", {len(left)} left out (below)" if len(left) else "")
         + "." + (f" The same in every group: {same}." if same else ""),
         "Per group and final metric: n runs with the metric, their mean, the sample standard deviation (std, "
         "ddof=1) and the 95% confidence interval of the mean (Student t); no std or interval where n = 1.")
-    text += "\n" + _overview(summary) + _left_out_markdown(left)
+    text += "\n" + _overview(summary) + left_out_markdown(left)
     for metric in _summarized_metrics(summary):
         columns = {"group": "group", **{p: p for p in varying}} | {f"{metric}_{s}": s.replace("_", " ") for s in STATS}
-        text += f"\n## {metric}\n\n" + _markdown(summary[list(columns)].rename(columns=columns))
+        text += f"\n## {metric}\n\n" + markdown_table(summary[list(columns)].rename(columns=columns))
     return text
 
 
@@ -338,30 +290,15 @@ def _verdicts(diffs: pd.DataFrame) -> str:
             f"expected share of false ones is at most {ALPHA:.0%}, however many metrics and settings are tested.")
 
 
-def _difference_sections(diffs: pd.DataFrame) -> str:
-    """One table per metric: the parameter and its values a and b, the groups and their n (a/b), the means,
-    b - a, the p-value, its q and the verdict."""
-    text = ""
-    for metric, rows in diffs.groupby("metric", sort=False):
-        shown = pd.DataFrame({
-            "param": rows["parameter"], "a": rows["value_a"], "b": rows["value_b"],
-            "groups": rows["group_a"].astype(str) + "/" + rows["group_b"].astype(str),
-            "n": rows["n_a"].astype(str) + "/" + rows["n_b"].astype(str), "mean a": rows["mean_a"],
-            "mean b": rows["mean_b"], "b - a": rows["difference"], "p": rows["p_value"], "q": rows["q_value"],
-            "verdict": rows["verdict"]})
-        text += f"\n## {metric}\n\n" + _markdown(shown)
-    return text
-
-
 def differences_markdown(diffs: pd.DataFrame, summary: pd.DataFrame) -> str:
-    text = "# Differences between settings, against the seed noise\n\n" + _prose(
+    text = "# Differences between settings, against the seed noise\n\n" + prose(
         "Every two groups whose settings differ in exactly one parameter, per final metric: "
         f"{TEST} (two-sided, unequal variances) of the seeds' values. b - a is the difference of the means, p its "
         f"p-value and q its Benjamini-Hochberg q-value over all the tests below; beyond seed noise where q <= {ALPHA}."
         " \"n too small\": a group has fewer than 2 runs with the metric. \"not comparable\": the groups differ in "
         "`conditional` and a conditional run's value is given the label; only "
         f"{', '.join(COMPARABLE_ACROSS_CONDITIONAL)} mean the same for both. The groups (as in groups.md):")
-    return text + "\n" + _overview(summary) + "\n" + _prose(_verdicts(diffs)) + _difference_sections(diffs)
+    return text + "\n" + _overview(summary) + "\n" + prose(_verdicts(diffs)) + difference_tables(diffs)
 
 
 def console(summary: pd.DataFrame, diffs: pd.DataFrame, left: pd.DataFrame, out: Path) -> str:
@@ -370,7 +307,7 @@ def console(summary: pd.DataFrame, diffs: pd.DataFrame, left: pd.DataFrame, out:
     return (f"{summary['n'].sum()} runs compared ({len(summary)} groups of runs that differ only in seed) -> {out}/\n\n"
             + groups_markdown(summary, left)
             + f"\n# Beyond seed noise ({TEST}, two-sided, Benjamini-Hochberg q <= {ALPHA})\n\n"
-            + _prose(_verdicts(diffs) + f" All comparisons: {out / 'differences.md'}.") + _difference_sections(beyond))
+            + prose(_verdicts(diffs) + f" All comparisons: {out / 'differences.md'}.") + difference_tables(beyond))
 
 
 def manifolds(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -379,7 +316,7 @@ def manifolds(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     that have none (run, run_id)."""
     runs = settings(frame).sort_values("group", kind="stable").join(frame[["run", "run_id"]])
     varying = _varying(runs)
-    figure = {True: "figures/manifold_per_digit.png", False: "figures/manifold.png"}
+    figure = {False: "figures/manifold.png", True: "figures/manifold_per_digit.png"}
     missing = manifold_panels([(f"{run['run']}, seed {run[SEED]}\n{label(run, varying)}", run["run_id"],
                                 figure[run.get("conditional") == "True"]) for run in runs.to_dict("records")], path)
     return runs.iloc[missing][["run", "run_id"]]
@@ -398,7 +335,7 @@ def write_report(frame: pd.DataFrame, points: pd.DataFrame,
     out.mkdir(parents=True, exist_ok=True)
     runs = frame.assign(left_out=frame["run_id"].map(left.set_index("run_id")["reason"]))
     runs.to_csv(out / "runs.csv", index=False)
-    (out / "runs.md").write_text(_markdown(runs))
+    (out / "runs.md").write_text(markdown_table(runs))
     summary.to_csv(out / "groups.csv", index=False)
     (out / "groups.md").write_text(groups_markdown(summary, left))
     diffs.to_csv(out / "differences.csv", index=False)
