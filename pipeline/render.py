@@ -1,6 +1,7 @@
 """Stage `render`: the seed's pictures (reconstructions, manifold, latent scatter, their GIFs, learning
 curves) into FIGURES_DIR and the MLflow run; for a conditional VAE the manifold under each digit in place of the
-seed's one, and the style transfer.
+seed's one, and the style transfer. The manifold, the scatter and the reconstructions at the snapshot epochs also
+go to the run as MLflow images (key, step = epoch), which its chart view lays side by side across runs.
 
 usage: python pipeline/render.py DATA_DIR MODEL_DIR HISTORY_CSV FIGURES_DIR
 """
@@ -13,7 +14,6 @@ from vaelab.model import DIGITS
 from vaelab.saved_model import load_vae
 from vaelab.stages import atomic_dir, check_writable, paths, read_history, read_snapshots, run_stage
 
-RECONSTRUCTED_DIGITS = 10
 
 
 def main(argv):
@@ -26,9 +26,11 @@ def main(argv):
     history = read_history(history_csv)
     test = data.load_split(data_dir, "test")
     access.check_access(write=True, patient=True)  # the run exists: a server away may be restarting
-    epochs = snapshots["epochs"].tolist()
+    epochs = snapshots["epochs"].tolist()  # 0 first: the untrained model, shown in MLflow's images only
     manifolds, means, labels = (snapshots[k].numpy() for k in ("manifolds", "latent_means", "labels"))
-    digits, digit_labels = data.to_float(test.images[:RECONSTRUCTED_DIGITS]), test.labels[:RECONSTRUCTED_DIGITS]
+    trained = slice(1, None)  # the seed's frames: after each snapshot epoch
+    shown = slice(0, metrics.RECONSTRUCTED_DIGITS)
+    digits, digit_labels = data.to_float(test.images[shown]), test.labels[shown]
     latent_dim = model.config.latent_dim
 
     with atomic_dir(figures_dir) as out:
@@ -37,7 +39,6 @@ def main(argv):
         if model.config.conditional:
             figures.manifold_per_digit(manifold_images(model).numpy(), epochs[-1], latent_dim,
                                        out / "manifold_per_digit.png")
-            figures.manifold_per_digit_animation(manifolds, epochs, out / "manifold.gif")
             first_of_each = torch.stack([(test.labels == digit).nonzero()[0, 0] for digit in range(DIGITS)])
             originals = data.to_float(test.images[first_of_each])
             figures.style_transfer(originals.reshape(-1, 28, 28).numpy(),
@@ -45,12 +46,20 @@ def main(argv):
                                    out / "style_transfer.png")
         else:
             figures.manifold(manifolds[-1], epochs[-1], latent_dim, out / "manifold.png")
-            figures.manifold_animation(manifolds, epochs, out / "manifold.gif")
+        figures.manifold_animation(manifolds[trained], epochs[trained], out / "manifold.gif")
         figures.latent_scatter(means[-1], labels, epochs[-1], out / "latent_scatter.png")
-        figures.latent_scatter_animation(means, labels, epochs, out / "latent_scatter.gif")
+        figures.latent_scatter_animation(means[trained], labels, epochs[trained], out / "latent_scatter.gif")
         figures.learning_curves(history, out / "learning_curves.png")
-    print(f"{len(list(figures_dir.iterdir()))} figures ({len(epochs)} animation frames) -> {figures_dir}")
-    tracking.add_to_run(model_dir / "run.json", "the figures", artifacts={figures_dir: "figures"})
+    logged = tracking.image_steps(len(epochs))  # the snapshots the run's images show
+    steps = [epochs[i] for i in logged]
+    images = {"manifold": figures.manifold_frames(manifolds[logged], steps),
+              "latent_scatter": figures.latent_scatter_frames(means[logged], labels, steps),
+              "reconstructions": figures.reconstruction_frames(test.images[shown].numpy(),
+                                                               snapshots["reconstructions"][logged].numpy(), steps)}
+    print(f"{len(list(figures_dir.iterdir()))} figures ({len(epochs) - 1} animation frames) -> {figures_dir}; "
+          f"{len(steps)} epochs of {', '.join(images)} -> MLflow images")
+    tracking.add_to_run(model_dir / "run.json", "the figures", artifacts={figures_dir: "figures"},
+                        images={key: list(zip(steps, frames)) for key, frames in images.items()})
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def test_per_digit_gif_shows_each_snapshot_s_panels_in_the_gif_s_greys(mnist, tm
     rounded = np.round(levels[np.abs(snapshots[..., None] - levels).argmin(axis=-1)]).astype(np.uint8)
 
     frames, durations, loop = gif_frames(
-        figures.manifold_per_digit_animation(snapshots, [1, 5, 9], tmp_path / "manifold_per_digit.gif"))
+        figures.manifold_animation(snapshots, [1, 5, 9], tmp_path / "manifold_per_digit.gif"))
 
     assert len(frames) == 3 and durations == [figures.FRAME_MS["manifold"]] * 3 and loop == 0
     for frame, panels in zip(frames, rounded):
@@ -156,7 +156,7 @@ def test_per_digit_gif_shows_each_snapshot_s_panels_in_the_gif_s_greys(mnist, tm
 def test_per_digit_gif_of_59_snapshots_stays_under_2_mb(mnist, tmp_path):
     snapshots = panel_grids(mnist, 59, 5)  # every tile changes in every frame: harder than a training run's
     # (about 1.99 MB with Pillow 13; unrelated digits in a panel, not all d's, make about 2.03 MB)
-    path = figures.manifold_per_digit_animation(snapshots, list(range(1, 60)), tmp_path / "manifold_per_digit.gif")
+    path = figures.manifold_animation(snapshots, list(range(1, 60)), tmp_path / "manifold_per_digit.gif")
     assert path.stat().st_size < 2_000_000
     with Image.open(path) as gif:
         assert gif.n_frames == 59
@@ -195,3 +195,26 @@ def test_style_transfer_shows_each_test_digit_and_its_decodings_under_their_labe
     assert all(label.get_fontsize() >= 10 for label in ax.get_xticklabels() + ax.get_yticklabels())
     with Image.open(figures.style_transfer(originals, decoded, tmp_path / "style_transfer.png")) as png:
         assert png.width >= axes_px  # the saved picture holds the axes at that size
+
+
+def test_each_snapshots_reconstructions_show_the_test_digits_over_their_decoded_images_at_twice_the_size(mnist):
+    originals = mnist["test"].images[:10].numpy()
+    decoded = np.stack([255 - originals, originals // 2])  # two snapshots, told apart by their pixels
+    frames = figures.reconstruction_frames(originals, decoded, [1, 7])
+    scale, band = figures.RECONSTRUCTION_SCALE, figures.TITLE_BAND_PX
+    for frame, rows in zip(frames, decoded):
+        shown = np.asarray(frame)
+        assert shown.shape == (band + 2 * 28 * scale, 10 * 28 * scale)
+        grid = shown[band:][::scale, ::scale]  # one pixel of each scale x scale block
+        np.testing.assert_array_equal(grid[:28], np.concatenate(list(originals), axis=1))
+        np.testing.assert_array_equal(grid[28:], np.concatenate(list(rows), axis=1))
+        assert (shown[:band] < 128).any()  # the title, dark on the white band
+    assert not np.array_equal(np.asarray(frames[0])[:band], np.asarray(frames[1])[:band])  # "Epoch: 1", "Epoch: 7"
+
+
+def test_the_manifolds_frames_are_the_gifs_seed_grid_or_panel_per_digit(mnist, tmp_path):
+    grids, panels = digit_grids(mnist, 2), panel_grids(mnist, 2, 5)
+    for images, name in ((grids, "manifold.gif"), (panels, "per_digit.gif")):
+        frames = figures.manifold_frames(images, [3, 9])
+        shown, _, _ = gif_frames(figures.manifold_animation(images, [3, 9], tmp_path / name))
+        assert [np.asarray(f.convert("RGB")).tolist() for f in frames] == [f.tolist() for f in shown]

@@ -53,7 +53,7 @@ def test_a_conditional_run_is_seeded_and_snapshots_the_manifold_under_each_digit
     second = _small_run(mnist, device=device, conditional=True)
     assert first.history == second.history and first.model.config.conditional
     assert first.history != _small_run(mnist, device=device).history  # the label changes what is learnt
-    assert [m.shape for m in first.snapshots.manifolds] == [(10, 5 * 28, 5 * 28)] * 2  # epochs 1 and 2
+    assert [m.shape for m in first.snapshots.manifolds] == [(10, 5 * 28, 5 * 28)] * 3  # epochs 0, 1 and 2
     assert first.snapshots.latent_means[-1].shape == (300, 2)
 
 
@@ -122,7 +122,7 @@ def test_history_records_losses_in_nats_and_the_seeds_scale(mnist):
             assert abs(row[f"{split}_loss"] - row[f"{split}_neg_elbo"] / 1568) < 1e-6
             assert 50 < row[f"{split}_neg_elbo"] < 800
     assert result.history[1]["train_neg_elbo"] < result.history[0]["train_neg_elbo"]
-    assert result.snapshots.epochs == [1, 2]
+    assert result.snapshots.epochs == [0, 1, 2]  # 0: the untrained model
     assert result.snapshots.manifolds[0].shape == (420, 420) and result.snapshots.manifolds[0].dtype == torch.uint8
     assert result.snapshots.latent_means[0].shape == (300, 2)
 
@@ -149,7 +149,7 @@ def test_a_run_resumed_from_its_checkpoint_ends_bit_for_bit_as_an_uninterrupted_
 
     assert resumed.history == whole.history
     assert resumed.resumed_at == 2 and rows == whole.history  # the restored rows too, for the tracker
-    assert resumed.snapshots.epochs == whole.snapshots.epochs == [1, 2, 3, 4]
+    assert resumed.snapshots.epochs == whole.snapshots.epochs == [0, 1, 2, 3, 4]
     for a, b in zip(resumed.model.state_dict().values(), whole.model.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -157,7 +157,7 @@ def test_a_run_resumed_from_its_checkpoint_ends_bit_for_bit_as_an_uninterrupted_
 DAMAGES = {  # how a checkpoint was damaged, and the line that says so
     "truncated": (lambda b: b[: len(b) // 2], "is a truncated PyTorch archive"),
     "a changed byte": (lambda b: b[:1000] + bytes([b[1000] ^ 0xFF]) + b[1001:], "is damaged (a checksum fails)"),
-    "another archive": (None, "is not a vaelab checkpoint"),
+    "another archive": (None, "is not a vaelab checkpoint of this version"),
 }
 
 

@@ -242,6 +242,39 @@ def render_seconds(result, labels: torch.Tensor, test_x: torch.Tensor, frames: i
     return time.perf_counter() - start
 
 
+def images_seconds(result, labels: torch.Tensor, test_x: torch.Tensor, epochs: list[int], folder: Path) -> dict:
+    """The render stage's MLflow images (`tracking.add_to_run`) of a default run's snapshots, into a SQLite store of
+    their own: the seconds to draw and log them, and the megabytes they add to the run's artifacts."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from vaelab import figures, store, tracking
+
+    snapshots, frames = result.snapshots, len(epochs)
+    grids, means, decoded = (torch.stack((getattr(snapshots, name) * frames)[:frames]).numpy()
+                             for name in ("manifolds", "latent_means", "reconstructions"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'images.db'}"
+    try:
+        client = MlflowClient()
+        run_id = client.create_run(store.get_or_create_experiment(client, "bench")).info.run_id
+        tracking.write_run_id(folder / "run.json", run_id)
+        start = time.perf_counter()
+        logged = tracking.image_steps(frames)
+        steps = [epochs[i] for i in logged]
+        originals = (test_x[:metrics.RECONSTRUCTED_DIGITS].reshape(-1, 28, 28) * 255).round().to(torch.uint8).numpy()
+        images = {"manifold": figures.manifold_frames(grids[logged], steps),
+                  "latent_scatter": figures.latent_scatter_frames(means[logged], labels.numpy(), steps),
+                  "reconstructions": figures.reconstruction_frames(originals, decoded[logged], steps)}
+        tracking.add_to_run(folder / "run.json", "the images",
+                            images={key: list(zip(steps, drawn)) for key, drawn in images.items()})
+        seconds = time.perf_counter() - start
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    size = sum(path.stat().st_size for path in (folder / store.ARTIFACT_DIR).rglob("*") if path.is_file())
+    return {"steps": len(steps), "seconds": round(seconds, 2), "megabytes": round(size / 1e6, 2)}
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
@@ -302,9 +335,11 @@ def main(argv: list[str] | None = None) -> dict:
         frames = len(training.snapshot_epochs(Params().epochs))
         try:
             render = render_seconds(result, splits["test"].labels[snapshot], test_x, frames, Path(scratch))
-        except ImportError as missing:  # a bare GPU box without matplotlib
+            images = images_seconds(result, splits["test"].labels[snapshot], test_x,
+                                    [0, *training.snapshot_epochs(Params().epochs)], Path(scratch))
+        except ImportError as missing:  # a bare GPU box without matplotlib or MLflow
             print(f"render not timed: {missing}")
-            render = None
+            render = images = None
 
     gflop = training_gflop_per_epoch(params.latent_dim, len(train_x))
     base_s, proj_s = statistics.median(baseline), statistics.median(project)
@@ -338,6 +373,9 @@ def main(argv: list[str] | None = None) -> dict:
         "evaluate_over_floor": None if evaluate_floor is None else round(evaluate / min(evaluate_floor.values()), 2),
         "render_s": None if render is None else round(render, 2),
         "render_frames": frames,
+        # the run's MLflow images (snapshots and epoch 0) against the default run's training, its epochs at this rate
+        "mlflow_images": images and {**images, "share_of_train": round(images["seconds"] / (proj_s * Params().epochs),
+                                                                       4)},
     }
     for key, value in report.items():
         print(f"{key}: {value}")

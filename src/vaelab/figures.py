@@ -24,6 +24,7 @@ SCATTER_GIF_DPI = 60  # the seed's GIF resolution: the 10-inch scatter figure as
 MANIFOLD_GIF_GREYS = 15
 TITLE_PX = 18  # the manifold title's font size in pixels; a title wider than the grid is set smaller
 TITLE_BAND_PX = 30  # the white band above the manifold that holds its title
+RECONSTRUCTION_SCALE = 2  # the reconstructions at each snapshot, 28-pixel digits drawn 56 pixels wide
 # A conditional VAE's manifold per digit: ten panels, PANELS_PER_ROW to a row, each under a caption band reading
 # "digit d", with a white gap between panels (across and down) and the title band above them all.
 PANELS_PER_ROW = 5
@@ -104,10 +105,16 @@ def _gif_greys(frame: Image.Image) -> Image.Image:
     return frame.point([round(round(value / step) * step) for value in range(256)])
 
 
+def manifold_frames(images: np.ndarray, epochs: list[int]) -> list[Image.Image]:
+    """The manifold at each snapshot, titled with its epoch: the seed's one grid (images (F, H, W)), or a
+    conditional VAE's panel per digit (images (F, 10, h, w)); the GIF's frames and MLflow's images."""
+    frame = _per_digit_frame if images.ndim == 4 else _manifold_frame
+    return [_gif_greys(frame(image, f"Epoch: {epoch}")) for image, epoch in zip(images, epochs)]
+
+
 def manifold_animation(images: np.ndarray, epochs: list[int], path: Path) -> Path:
-    """One frame per snapshot, its greys rounded to MANIFOLD_GIF_GREYS levels."""
-    frames = [_gif_greys(_manifold_frame(image, f"Epoch: {epoch}")) for image, epoch in zip(images, epochs)]
-    return _save_gif(frames, FRAME_MS["manifold"], path)
+    """One frame per snapshot (`manifold_frames`), its greys rounded to MANIFOLD_GIF_GREYS levels."""
+    return _save_gif(manifold_frames(images, epochs), FRAME_MS["manifold"], path)
 
 
 def _panel_origin(digit: int, height: int, width: int) -> tuple[int, int]:
@@ -140,12 +147,6 @@ def manifold_per_digit(images: np.ndarray, epoch: int, latent_dim: int, path: Pa
     title = f"Epoch: {epoch}{_latent_note(latent_dim)} — the same z grid under each label"
     _per_digit_frame(images, title).save(path)
     return path
-
-
-def manifold_per_digit_animation(frames: np.ndarray, epochs: list[int], path: Path) -> Path:
-    """One frame per snapshot (frames uint8 (F, 10, h, w)), its greys rounded to MANIFOLD_GIF_GREYS levels."""
-    images = [_gif_greys(_per_digit_frame(panels, f"Epoch: {epoch}")) for panels, epoch in zip(frames, epochs)]
-    return _save_gif(images, FRAME_MS["manifold"], path)
 
 
 def _style_transfer_figure(originals: np.ndarray, decoded: np.ndarray) -> Figure:
@@ -221,6 +222,11 @@ def _scatter_palette() -> Image.Image:
 
 
 def latent_scatter_animation(frames: np.ndarray, labels: np.ndarray, epochs: list[int], path: Path) -> Path:
+    """The latent means at each snapshot (frames (F, n, latent_dim)), on the final means' axes."""
+    return _save_gif(latent_scatter_frames(frames, labels, epochs), FRAME_MS["scatter"], path)
+
+
+def latent_scatter_frames(frames: np.ndarray, labels: np.ndarray, epochs: list[int]) -> list[Image.Image]:
     """The figure is drawn once without its dots and title, which are then drawn over a copy for each frame:
     the axes and colour key would otherwise be redrawn 59 times over."""
     basis, name = projection(frames[-1])
@@ -240,7 +246,22 @@ def latent_scatter_animation(frames: np.ndarray, labels: np.ndarray, epochs: lis
         rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
         images.append(rgb.quantize(palette=palette, dither=Image.Dither.NONE))
     plt.close(fig)
-    return _save_gif(images, FRAME_MS["scatter"], path)
+    return images
+
+
+def reconstruction_frames(originals: np.ndarray, decoded: np.ndarray, epochs: list[int]) -> list[Image.Image]:
+    """The test digits (uint8 (n, 28, 28)) over their reconstructions at each snapshot (uint8 (F, n, 28, 28)), as
+    `reconstructions` draws the final ones, each pixel shown RECONSTRUCTION_SCALE times over, titled with its
+    epoch."""
+    top = np.concatenate(list(originals), axis=1)
+    frames = []
+    for rows, epoch in zip(decoded, epochs):
+        grid = Image.fromarray(np.concatenate([top, np.concatenate(list(rows), axis=1)], axis=0))
+        grid = grid.resize((grid.width * RECONSTRUCTION_SCALE, grid.height * RECONSTRUCTION_SCALE), Image.NEAREST)
+        frame = _titled_frame(grid.width, grid.height, f"Epoch: {epoch} — test digits over their reconstructions")
+        frame.paste(grid, (0, TITLE_BAND_PX))
+        frames.append(frame)
+    return frames
 
 
 def learning_curves(history: list[dict[str, float]], path: Path) -> Path:

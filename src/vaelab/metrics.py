@@ -11,6 +11,7 @@ from vaelab.model import (DIGITS, SEED_LOSS_SCALE, VAE, FoldedDecoder, encode_in
 
 EVAL_BATCH = 1000
 ACTIVE_UNIT_THRESHOLD = 0.01
+RECONSTRUCTED_DIGITS = 10  # the first test images, reconstructed at each snapshot and by the render stage
 DECODE_BLOCK_ROWS = 4096  # decoded images per block of the bound on a CPU: 12.8 MB of logits, cache-sized
 
 

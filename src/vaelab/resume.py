@@ -12,6 +12,7 @@ from vaelab.data import DamagedInput, load_archive
 from vaelab.stages import atomic_file
 
 STATE_KEYS = ("epoch", "model", "optimizer", "rng", "cuda_rng", "shuffle_rng", "history", "snapshots")
+SNAPSHOT_LISTS = ("epochs", "manifolds", "latent_means", "reconstructions")  # training.Snapshots' fields
 
 
 @dataclass
@@ -32,8 +33,7 @@ def save(path: Path, epoch, model, optimizer, shuffle, history, snapshots) -> No
         "cuda_rng": torch.cuda.get_rng_state() if next(model.parameters()).is_cuda else torch.empty(0),
         "shuffle_rng": shuffle.get_state(),
         "history": history,
-        "snapshots": {"epochs": snapshots.epochs, "manifolds": snapshots.manifolds,
-                      "latent_means": snapshots.latent_means},
+        "snapshots": {name: getattr(snapshots, name) for name in SNAPSHOT_LISTS},
     }
     with atomic_file(path) as partial:  # a kill mid-write leaves the previous checkpoint intact
         torch.save(state, partial)
@@ -47,8 +47,9 @@ def usable(path: Path) -> bool:
         return False
     try:
         state = load_archive(path, "train")
-        problem = None if isinstance(state, dict) and all(key in state for key in STATE_KEYS) else (
-            "is not a vaelab checkpoint")
+        whole = isinstance(state, dict) and all(key in state for key in STATE_KEYS) and all(
+            name in state["snapshots"] for name in SNAPSHOT_LISTS)
+        problem = None if whole else "is not a vaelab checkpoint of this version"
     except DamagedInput as damaged:
         problem = damaged.problem
     if problem is None:
@@ -73,6 +74,6 @@ def restore(path: Path, model, optimizer, shuffle, history, snapshots) -> int:
         torch.cuda.set_rng_state(state["cuda_rng"])
     shuffle.set_state(state["shuffle_rng"])
     history.extend(state["history"])
-    for name in ("epochs", "manifolds", "latent_means"):
+    for name in SNAPSHOT_LISTS:
         getattr(snapshots, name).extend(state["snapshots"][name])
     return state["epoch"]

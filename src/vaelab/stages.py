@@ -216,19 +216,20 @@ def read_history(path: Path) -> list[dict[str, float]]:
     return rows
 
 
-SNAPSHOT_KEYS = ("epochs", "manifolds", "latent_means", "labels")  # what train saves in snapshots.pt
+SNAPSHOT_KEYS = ("epochs", "manifolds", "latent_means", "reconstructions", "labels")  # train's snapshots.pt
 
 
 def read_snapshots(path: Path) -> dict[str, torch.Tensor]:
-    """The train stage's snapshots: the epochs, the manifold and the latent means at each, the means' labels. A
-    missing, damaged or foreign file is a DamagedInput that names it."""
+    """The train stage's snapshots: the epochs, the manifold, the latent means and the reconstructions at each, the
+    means' labels. A missing, damaged or foreign file is a DamagedInput that names it."""
     saved = load_archive(path, "train")
     tensors = saved if isinstance(saved, dict) else {}
     if missing := [key for key in SNAPSHOT_KEYS if not isinstance(tensors.get(key), torch.Tensor)]:
         raise DamagedInput(path, f"is not a snapshots file (no {missing[0]}{', ...' if len(missing) > 1 else ''})",
                            "train")
-    epochs, manifolds, means, labels = (saved[k] for k in SNAPSHOT_KEYS)
+    epochs, manifolds, means, reconstructions, labels = (saved[k] for k in SNAPSHOT_KEYS)
     if not (epochs.dim() == 1 and len(epochs) and manifolds.dim() in (3, 4) and means.dim() == 3 and labels.dim() == 1
-            and len(manifolds) == len(means) == len(epochs) and means.shape[1] == len(labels)):
+            and reconstructions.dim() == 4 and len(manifolds) == len(means) == len(reconstructions) == len(epochs)
+            and means.shape[1] == len(labels)):
         raise DamagedInput(path, "holds snapshots whose parts do not match", "train")
     return saved

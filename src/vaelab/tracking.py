@@ -3,7 +3,9 @@ its id to the later stages through a small JSON file; `evaluate` and `render` lo
 is imported by the model or the training maths."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -12,7 +14,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
@@ -21,6 +23,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, Ru
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from PIL import Image
 
 from vaelab.config import Params
 from vaelab.data import NOT_FOUND, DamagedInput, md5
@@ -45,8 +48,13 @@ from vaelab.store import (
     transient,
 )
 
+if TYPE_CHECKING:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
 PARAMS_TAG, HOST_TAG, PID_TAG = "vaelab.params_digest", "vaelab.host", "vaelab.pid"
 THREADS_TAG = "vaelab.torch_threads"  # CPU threads of the run (OMP_NUM_THREADS): speed and float rounding
+SYSTEM_METRICS_SECONDS = 1.0  # how often the machine's use is recorded
+IMAGE_STEPS = 60  # snapshot epochs a run logs as images, per key: the store's budget (docs/development.md)
 
 
 def metric_name(key: str) -> str:
@@ -150,6 +158,7 @@ class TrainingRun:
         self._told_away = False
         self._sender = threading.Thread(target=self._send_until_closed, name="mlflow-sender", daemon=True)
         self._sender.start()
+        self._system = system_metrics(self.run_id)
 
     def _open(self, params: Params, resume_id: str | None) -> str:
         tags = run_tags(params)
@@ -275,6 +284,8 @@ class TrainingRun:
         patience = patience_seconds() if patience is None else patience
         started = time.monotonic()
         self._closing.set()
+        if self._system is not None:
+            self._system.finish()  # its last points, before the run stops being RUNNING
         deadline, reported = started + patience, False
         while self._sender.is_alive() and (left := deadline - time.monotonic()) > 0:
             self._sender.join(timeout=min(left, 0.5))
@@ -300,6 +311,26 @@ class TrainingRun:
                 self.client.set_terminated(self.run_id, status)
 
         patiently(terminate, f"the run's end ({status})", self.run_id, patience, started)
+
+
+def system_metrics(run_id: str) -> SystemMetricsMonitor | None:
+    """MLflow's own sampler of the machine's CPU, memory, disk, network and GPU use (the run page's "System metrics"),
+    started for `run_id`: a point a second, a few hundred for a 200-epoch CPU run. None, said in one line, where
+    psutil (or for the GPU, nvidia-ml-py) is missing."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as missing:
+        print(f"note: this run records no system metrics: {missing.name} is not installed (pip install "
+              f"{missing.name})", file=sys.stderr)
+        return None
+    if torch.cuda.is_available() and importlib.util.find_spec("pynvml") is None:
+        print("note: this run records no GPU use: nvidia-ml-py is not installed (pip install nvidia-ml-py)",
+              file=sys.stderr)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not its "Started monitoring" lines
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_SECONDS, resume_logging=True,
+                                   tracking_uri=tracking_uri())
+    monitor.start()
+    return monitor
 
 
 @contextmanager
@@ -353,12 +384,30 @@ def read_run_id(path: Path, required: bool = False) -> str | None:
     return None
 
 
+def image_steps(snapshots: int, at_most: int = IMAGE_STEPS) -> list[int]:
+    """Which of `snapshots` snapshots (their indices) a run logs as MLflow images: all, or `at_most` spread evenly
+    from the first to the last, so that a run's images stay within the store's budget (docs/development.md)."""
+    if snapshots <= at_most:
+        return list(range(snapshots))
+    return sorted({round(i * (snapshots - 1) / (at_most - 1)) for i in range(at_most)})
+
+
+def _logged_images(client: MlflowClient, run_id: str) -> set[tuple[str, int]]:
+    """The (key, step) of the images the run holds: MLflow names each file images/<key>+step+<step>+..., a '/' in
+    the key as '~'."""
+    names = [Path(item.path).name for item in client.list_artifacts(run_id, "images")]
+    return {(key.replace("~", "/"), int(step)) for key, _, step, *_ in (name.split("+") for name in names)}
+
+
 def add_to_run(run_id_file: Path, waiting: str, metrics: dict[str, float] | None = None,
-               artifacts: dict[Path, str | None] | None = None, tags: dict[str, str] | None = None) -> None:
+               artifacts: dict[Path, str | None] | None = None, tags: dict[str, str] | None = None,
+               images: dict[str, list[tuple[int, Image.Image]]] | None = None) -> None:
     """Log a later stage's metrics (at step 0, under `metric_name`), tags (settings of that stage: unlike params
-    they may change when the stage runs again) and files or folders (to their artifact paths) into the run
+    they may change when the stage runs again), files or folders (to their artifact paths) and images (per key,
+    (step, image) pairs: MLflow's chart view shows each key as a card with a slider over the steps) into the run
     recorded by `train`, waiting for a tracker that is away as `TrainingRun.end` does. A retry resends the
-    same metrics, with the same timestamps, which the store keeps once. A missing or damaged `run_id_file` is a
+    same metrics, with the same timestamps, which the store keeps once, and sends only the images the run does
+    not hold yet. A missing or damaged `run_id_file` is a
     DamagedInput: the stages check it before their work with `read_run_id(..., required=True)`."""
     run_id = read_run_id(run_id_file, required=True)
     client = open_client()
@@ -379,5 +428,10 @@ def add_to_run(run_id_file: Path, waiting: str, metrics: dict[str, float] | None
                 client.log_batch(run_id, metrics=batch, tags=[RunTag(k, v) for k, v in (tags or {}).items()])
             for path, artifact_path in (artifacts or {}).items():
                 (client.log_artifacts if path.is_dir() else client.log_artifact)(run_id, str(path), artifact_path)
+            held = _logged_images(client, run_id) if images else set()
+            for key, series in (images or {}).items():
+                for step, image in series:
+                    if (key, step) not in held:
+                        client.log_image(run_id, image, key=key, step=step, synchronous=True)
 
     patiently(log, waiting, run_id)

@@ -18,6 +18,7 @@ from vaelab import resume
 from vaelab.config import Params
 from vaelab.backprop import FastStep
 from vaelab.manifold import MANIFOLD_SIZE, manifold_images
+from vaelab.metrics import RECONSTRUCTED_DIGITS, reconstruct
 from vaelab.model import (SEED_LOSS_SCALE, VAE, ModelConfig, data_mean_logits, encode_in_batches, negative_elbo,
                           objective_terms, resolve_device)
 
@@ -30,17 +31,19 @@ KERAS_EPSILON = 1e-7  # Keras 2's optimizer epsilon (PyTorch's default is 1e-8)
 
 @dataclass
 class Snapshots:
-    """What the animations are drawn from, one entry per snapshot epoch."""
+    """What the animations are drawn from, one entry per snapshot epoch, and first the untrained model's (epoch 0)."""
 
     epochs: list[int] = field(default_factory=list)
     manifolds: list[torch.Tensor] = field(default_factory=list)  # uint8 (15*28, 15*28), per digit (10, 140, 140)
     latent_means: list[torch.Tensor] = field(default_factory=list)  # float32 (SNAPSHOT_IMAGES, latent_dim)
+    reconstructions: list[torch.Tensor] = field(default_factory=list)  # uint8 (RECONSTRUCTED_DIGITS, 28, 28)
 
     def to_dict(self, labels: torch.Tensor) -> dict:
         return {
             "epochs": torch.tensor(self.epochs),
             "manifolds": torch.stack(self.manifolds),
             "latent_means": torch.stack(self.latent_means),
+            "reconstructions": torch.stack(self.reconstructions),
             "labels": labels,
         }
 
@@ -305,12 +308,27 @@ def train(
     n = len(train_images)
     snapshot_at = set(snapshot_epochs(params.epochs))
     history, snapshots = [], Snapshots()
+
+    def take_snapshot(epoch: int) -> None:
+        """What the pictures show at `epoch`: the manifold, the latent means and the first test digits'
+        reconstructions. It draws no random numbers, so training goes on as it would without it."""
+        model.eval()
+        snapshots.epochs.append(epoch)
+        size = PER_DIGIT_MANIFOLD_SIZE if params.conditional else MANIFOLD_SIZE
+        snapshots.manifolds.append(manifold_images(model, size))
+        snapshots.latent_means.append(encode_in_batches(model, snapshot_images, snapshot_labels)[0].float().cpu())
+        shown = slice(0, RECONSTRUCTED_DIGITS)
+        decoded = reconstruct(model, snapshot_images[shown], None if snapshot_labels is None else snapshot_labels[shown])
+        snapshots.reconstructions.append((decoded * 255).round().to(torch.uint8).cpu())
+
     done = 0
     if checkpointing is not None and resume.usable(checkpointing.path):
         done = resume.restore(checkpointing.path, model, optimizer, shuffle, history, snapshots)
         if on_epoch is not None:
             for row in history:
                 on_epoch(row)
+    else:
+        take_snapshot(0)  # the untrained model: MLflow's image cards open at step 0
     step = TrainingStep(model, optimizer, train_images, params.binarize, step_mode, train_labels, params.objective,
                         params.train_samples)
     last_save = time.monotonic()
@@ -340,11 +358,7 @@ def train(
         row.update({f"val_{k}": v for k, v in evaluate_loss(model, val_images, params.batch_size, val_labels).items()})
         history.append(row)
         if epoch in snapshot_at:
-            model.eval()
-            snapshots.epochs.append(epoch)
-            size = PER_DIGIT_MANIFOLD_SIZE if params.conditional else MANIFOLD_SIZE
-            snapshots.manifolds.append(manifold_images(model, size))
-            snapshots.latent_means.append(encode_in_batches(model, snapshot_images, snapshot_labels)[0].float().cpu())
+            take_snapshot(epoch)
         if on_epoch is not None:
             on_epoch(row)
         due = time.monotonic() - last_save >= checkpointing.every_seconds if checkpointing else False
