@@ -2,6 +2,7 @@
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -81,15 +82,16 @@ def free_port() -> int:
 
 @contextmanager
 def http_service(command: list[str], url: str, cwd: Path, env: dict[str, str], log: Path,
-                 timeout: float = 180) -> Iterator[str]:
-    """Start a server process (output to `log`), wait until `url`/health answers, stop it afterwards."""
+                 timeout: float = 180, trusting: ssl.SSLContext | None = None) -> Iterator[str]:
+    """Start a server process (output to `log`), wait until `url`/health answers (an https `url` with a certificate
+    that the SSL context `trusting` verifies), stop it afterwards."""
     with open(log, "w") as output:
         server = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
+                urllib.request.urlopen(f"{url}/health", timeout=2, context=trusting)
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:

@@ -1,10 +1,11 @@
 """The MLflow store: where it is, a lock that serialises writers to SQLite, and patience with a tracker that is
-away (retried with a bound) or refuses the user (one line, never retried)."""
+away (retried with a bound), refuses the user or shows a certificate that is not trusted (one line, never retried)."""
 from __future__ import annotations
 
 import fcntl
 import logging
 import os
+import ssl
 import sys
 import time
 from contextlib import contextmanager
@@ -13,8 +14,10 @@ from typing import Callable, Iterator, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
+from mlflow.environment_variables import MLFLOW_TRACKING_SERVER_CERT_PATH
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.credentials import read_mlflow_creds
 
 from vaelab.stages import StageError, project_root
 
@@ -85,7 +88,8 @@ class AccessRefused(StageError):
 
 REFUSED = ("UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "PERMISSION_DENIED")  # MLflow's codes of a 401 and a 403
 def tracking_user() -> str | None:
-    return os.environ.get("MLFLOW_TRACKING_USERNAME")
+    """The user MLflow's client sends: MLFLOW_TRACKING_USERNAME, else ~/.mlflow/credentials."""
+    return read_mlflow_creds().username
 
 
 def refusal_message(status: int, experiment: str, action: str, permission: str | None = None) -> str:
@@ -102,8 +106,27 @@ def refusal_message(status: int, experiment: str, action: str, permission: str |
             f"for {wanted} permission on it")
 
 
-def refusal_of(error: BaseException) -> AccessRefused | None:
-    """A refused MLflow request (401, 403) as the one-line AccessRefused, else None."""
+def untrusted_certificate(error: BaseException | None) -> ssl.SSLCertVerificationError | None:
+    """The failed certificate check behind `error`, through the layers that wrap it (MLflow's MlflowException,
+    requests' SSLError, urllib3's MaxRetryError and SSLError), else None."""
+    while error is not None and not isinstance(error, ssl.SSLCertVerificationError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def untrusted_message(certificate: ssl.SSLCertVerificationError) -> str:
+    """The one line for a server whose certificate MLflow's client does not trust: the variable that mends it."""
+    bundle = MLFLOW_TRACKING_SERVER_CERT_PATH.get()
+    return (f"the MLflow tracking server {redacted(tracking_uri())} presented a certificate that is not trusted "
+            f"({certificate.verify_message}); set {MLFLOW_TRACKING_SERVER_CERT_PATH.name}"
+            f"{f' (now {bundle})' if bundle else ''} to the CA bundle that signed it")
+
+
+def refusal_of(error: BaseException) -> StageError | None:
+    """A request that no retry mends as its one-line StageError: refused (401, 403: AccessRefused), or to a server
+    whose certificate is not trusted; else None."""
+    if certificate := untrusted_certificate(error):
+        return StageError(untrusted_message(certificate))
     if isinstance(error, MlflowException) and error.error_code in REFUSED:
         status = 403 if error.error_code == "PERMISSION_DENIED" else 401
         return AccessRefused(refusal_message(status, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME), "write to"))
@@ -127,33 +150,41 @@ def patience_seconds() -> float:
 
 
 def transient(error: BaseException) -> bool:
-    """Whether the tracker may answer a retry: a server down, restarting or overloaded, a store locked."""
+    """Whether the tracker may answer a retry: a server down, restarting or overloaded, a store locked; not a
+    certificate that is not trusted, which MLflow wraps as an INTERNAL_ERROR and requests raises as an OSError."""
+    if untrusted_certificate(error):
+        return False
     if isinstance(error, MlflowException):
         return error.error_code in TRANSIENT_ERROR_CODES
     return isinstance(error, OSError)  # requests' and urllib3's connection errors are OSErrors
 
 
-def _reason(error: BaseException | None) -> str:
+def short_reason(error: BaseException | None) -> str:
+    """Why the tracker did not answer, in a few words: a known cause, else the first line of the innermost error
+    (those wrapped around it, MLflow's and requests', lead with the address), never the password of a URI."""
     if error is None:
         return "no answer yet"
-    text = str(error)
     for known in ("Connection refused", "database is locked", "timed out", "Name or service not known",
                   "Connection reset", "Connection aborted"):
-        if known.lower() in text.lower():
+        if known.lower() in str(error).lower():
             return known.lower()
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    uri = tracking_uri().rstrip("/")
+    text = str(error).replace(uri, redacted(uri))
     return text.splitlines()[0][:160] if text else "no answer"
 
 
 def not_answering(error: BaseException | None) -> str:
     """`error` is None while the first try still waits (a SQLite store waits 20 s for a lock itself)."""
-    return f"MLflow: {redacted(tracking_uri())} does not answer {f'({_reason(error)})' if error else 'yet'}"
+    return f"MLflow: {redacted(tracking_uri())} does not answer {f'({short_reason(error)})' if error else 'yet'}"
 
 
 def away_message(error: BaseException | None, waiting: str, patience: float, run_id: str | None) -> str:
     uri = redacted(tracking_uri())
     away = (f"the MLflow store {uri} stayed locked for {patience:.0f} s (another process holds it: a sqlite3 shell, "
             "a backup?)" if _sqlite_path(uri) else
-            f"the MLflow tracking server {uri} did not answer for {patience:.0f} s ({_reason(error)})")
+            f"the MLflow tracking server {uri} did not answer for {patience:.0f} s ({short_reason(error)})")
     if run_id is None:
         return f"{away}; nothing was done ({waiting} needs it); run the stage again once it answers"
     return (f"{away}; waiting to be sent: {waiting}; the stage's outputs are written: once the tracker answers, run "
