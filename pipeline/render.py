@@ -50,16 +50,11 @@ def main(argv):
         figures.latent_scatter(means[-1], labels, epochs[-1], out / "latent_scatter.png")
         figures.latent_scatter_animation(means[trained], labels, epochs[trained], out / "latent_scatter.gif")
         figures.learning_curves(history, out / "learning_curves.png")
-    logged = tracking.image_steps(len(epochs))  # the snapshots the run's images show
-    steps = [epochs[i] for i in logged]
-    images = {"manifold": figures.manifold_frames(manifolds[logged], steps),
-              "latent_scatter": figures.latent_scatter_frames(means[logged], labels, steps),
-              "reconstructions": figures.reconstruction_frames(test.images[shown].numpy(),
-                                                               snapshots["reconstructions"][logged].numpy(), steps)}
+    images = figures.snapshot_pictures(epochs, manifolds, means, labels, test.images[shown].numpy(),
+                                       snapshots["reconstructions"].numpy(), tracking.image_steps(len(epochs)))
     print(f"{len(list(figures_dir.iterdir()))} figures ({len(epochs) - 1} animation frames) -> {figures_dir}; "
-          f"{len(steps)} epochs of {', '.join(images)} -> MLflow images")
-    tracking.add_to_run(model_dir / "run.json", "the figures", artifacts={figures_dir: "figures"},
-                        images={key: list(zip(steps, frames)) for key, frames in images.items()})
+          f"{len(images['figures/manifold'])} epochs of {', '.join(images)} -> MLflow images")
+    tracking.add_to_run(model_dir / "run.json", "the figures", artifacts={figures_dir: "figures"}, images=images)
 
 
 if __name__ == "__main__":

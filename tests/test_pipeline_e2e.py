@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from projects import SMALL, Project, free_port, http_service, new_project, user_env
 
+from vaelab.figures import MANIFOLD_GIF_GREYS
 from vaelab.metrics import HEADLINE
 
 SWEEP = {"latent_dim": (2, 8), "seed": (0, 1, 2)}  # the README's grid, at two latent sizes
@@ -38,6 +39,29 @@ def _runs(project: Project):
     client = _client(project)
     experiment = client.get_experiment_by_name("vaelab")
     return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+PICTURES = ("figures/manifold", "figures/latent_scatter", "figures/reconstructions")
+IMAGE_BYTES_PER_STEP = 170_000  # docs/development.md: what each snapshot's pictures add to the store, at most
+
+
+def _images(project: Project, run_id: str) -> tuple[dict[str, list[int]], int]:
+    """The run's MLflow images: each key's steps (MLflow names each file images/<key>+step+<step>+..., a '/' in the
+    key as '~'), and the bytes they take in the store, MLflow's compressed copies included."""
+    files = _client(project).list_artifacts(run_id, "images")
+    steps: dict[str, list[int]] = {}
+    for item in files:
+        key, _, step, *rest = Path(item.path).name.split("+")
+        if rest[-1].endswith(".png") and "compressed" not in rest[-1]:
+            steps.setdefault(key.replace("~", "/"), []).append(int(step))
+    return {key: sorted(values) for key, values in steps.items()}, sum(item.file_size for item in files)
+
+
+def _picture(project: Project, run_id: str, key: str, step: int) -> Image.Image:
+    [path] = [item.path for item in _client(project).list_artifacts(run_id, "images")
+              if item.path.startswith(f"images/{key.replace('/', '~')}+step+{step}+") and item.path.endswith(".png")
+              and "compressed" not in item.path]
+    return Image.open(_client(project).download_artifacts(run_id, path, str(project / "downloaded")))
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +125,15 @@ def test_repro_logs_one_complete_mlflow_run(repro):
     figures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "figures")}
     assert {"manifold.gif", "latent_scatter.gif", "manifold.png", "learning_curves.png"} <= figures
     assert (repro / "mlartifacts").is_dir()
+    # the pictures as MLflow images, for the chart view: the untrained model at 0, then each snapshot epoch
+    steps, size = _images(repro, run.info.run_id)
+    assert steps == {key: [0, 1, 2, 3] for key in PICTURES} and size <= 4 * IMAGE_BYTES_PER_STEP
+    with Image.open(repro / "reports" / "figures" / "manifold.png") as still:  # the last is the still, its greys
+        last = np.asarray(_picture(repro, run.info.run_id, "figures/manifold", 3), dtype=int)  # rounded as the GIF's
+        assert np.abs(last - np.asarray(still, dtype=int)).max() <= 255 / (MANIFOLD_GIF_GREYS - 1) / 2
+    # the machine's use while it trained, a point a second
+    usage = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(usage) >= 5 and {"system/system_memory_usage_megabytes"} <= set(run.data.metrics)
 
     mlflow.set_tracking_uri(f"sqlite:///{repro / 'mlflow.db'}")
     decoder = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
@@ -206,7 +239,8 @@ def mlflow_ui(repro, tmp_path):
 def test_the_mlflow_ui_shows_the_runs_and_the_manifold_gif_in_a_real_browser(repro, mlflow_ui, tmp_path):
     """A newcomer's path, in a fresh browser profile: the link the README gives (and `make ui` prints) opens
     the runs table, not MLflow 3's GenAI overview; a run, and back through the page's breadcrumb, is the
-    runs table again; then the search filter and the manifold GIF. A screenshot of each step in tmp_path."""
+    runs table again; then the search filter; the grid's pictures side by side in the chart view, where the slider
+    moves them through the epochs; and the manifold GIF. A screenshot of each step in tmp_path."""
     if not CHROMIUM.exists():
         if os.environ.get("CI"):
             pytest.fail("CI needs Debian's chromium (.ci/run installs it)")
@@ -282,15 +316,65 @@ def test_the_mlflow_ui_shows_the_runs_and_the_manifold_gif_in_a_real_browser(rep
         assert page.get_by_text("wide", exact=True).is_visible()  # latent_dim 3
         page.screenshot(path=str(shots / "4-search-filter.png"))
 
+        # the grid's pictures side by side, as the README says: narrow the runs (MLflow's search has no IN for
+        # parameters), then the chart view
+        search.fill("params.latent_dim != '2'")
+        search.press("Enter")
+        expect(page.get_by_role("link", name="queued", exact=True)).to_be_visible(timeout=30_000)
+        page.locator("label:has(input[value='CHART'])").click()  # the second of the view buttons
+        cards = page.locator("[data-testid='experiment-view-compare-runs-card']")
+        expect(page.get_by_text(re.compile(r"^figures ?\(3\)$")).first).to_be_visible(timeout=60_000)
+        expect(page.get_by_text(re.compile(r"^learning_curve ?\(\d+\)$")).first).to_be_visible()  # the curves too
+        for key in ("manifold", "latent_scatter", "reconstructions"):
+            expect(cards.filter(has_text=re.compile(rf"^(figures/)?{key}"))).to_have_count(1)
+        page.screenshot(path=str(shots / "5-chart-view.png"))
+        cards.filter(has_text=re.compile(r"^(figures/)?manifold")).locator(
+            "[data-component-id='fullscreen_button_chartcard']").click()
+        dialog = page.get_by_role("dialog")
+        for run_name in ("wide", "queued"):
+            expect(dialog.get_by_text(run_name, exact=True)).to_be_visible(timeout=30_000)
+        pictures = dialog.locator("img.rc-image-img")
+        expect(pictures).to_have_count(2, timeout=60_000)  # each run's manifold at the slider's step
+
+        def shown() -> list[tuple[str, str]]:
+            """Each picture's run and step (MLflow names the file images/<key>+step+<step>+...) once it has loaded."""
+            page.wait_for_function("imgs => imgs.every(img => img.complete && img.naturalWidth > 0)",
+                                   arg=pictures.element_handles(), timeout=60_000)
+            found = [re.search(r"step%2B(\d+)%2B.*run_uuid=(\w+)", img.get_attribute("src")).groups()
+                     for img in pictures.all()]
+            return sorted((run, step) for step, run in found)
+
+        runs_shown = {wide.info.run_id, queued.info.run_id}
+        assert shown() == sorted((run, "0") for run in runs_shown)  # the untrained models, where the card opens
+        slider = dialog.get_by_role("slider")
+        slider.focus()
+        page.keyboard.press("End")  # the last epoch: the final manifolds
+        expect(slider).to_have_attribute("aria-valuenow", "3")
+        expect(pictures.first).to_have_attribute("src", re.compile(r"step%2B3%2B"))
+        assert shown() == sorted((run, "3") for run in runs_shown)
+        page.screenshot(path=str(shots / "6-manifolds-side-by-side.png"))
+        page.keyboard.press("ArrowLeft")  # an earlier epoch: the earlier manifolds
+        expect(pictures.first).to_have_attribute("src", re.compile(r"step%2B2%2B"))
+        assert shown() == sorted((run, "2") for run in runs_shown)
+        page.keyboard.press("Escape")
+
         page.goto(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{wide.info.run_id}"
                   "/artifacts/figures/manifold.gif")
         gif = page.wait_for_selector("img[src^='blob:']", timeout=60_000)
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=gif, timeout=60_000)
-        assert gif.evaluate("img => img.naturalWidth") > 100
-        page.screenshot(path=str(shots / "5-manifold-gif.png"))
-        page.screenshot(path=str(repro / "reports" / "mlflow_ui.png"))
+        # what the page shows is the run's GIF: its size, and a frame of it drawn where the page draws it
+        with Image.open(repro / "reports" / "figures" / "manifold.gif") as animation:
+            frames = []
+            for index in range(animation.n_frames):
+                animation.seek(index)
+                frames.append(np.asarray(animation.convert("L"), dtype=int))
+        assert gif.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [frames[0].shape[1], frames[0].shape[0]]
+        box = gif.bounding_box()
+        assert (round(box["width"]), round(box["height"])) == (frames[0].shape[1], frames[0].shape[0])  # unscaled
+        drawn = np.asarray(Image.open(io.BytesIO(page.screenshot(clip=box))).convert("L"), dtype=int)
+        assert min(np.abs(drawn - frame).mean() for frame in frames) < 2  # grey levels, of 255
+        page.screenshot(path=str(shots / "7-manifold-gif.png"))
         browser.close()
-    assert (repro / "reports" / "mlflow_ui.png").stat().st_size > 10_000
 
 
 @pytest.fixture(scope="module")
@@ -320,6 +404,12 @@ def test_a_conditional_experiment_bounds_log_p_x_over_the_labels_and_draws_each_
 
     [run] = [r for r in _runs(conditional) if r.data.tags.get("dvc.exp_name") == "cvae"]
     assert run.data.params["conditional"] == "True" and run.data.metrics["test/iwae_nll_given_label"] > 0
+    steps, _ = _images(conditional, run.info.run_id)
+    assert steps == {key: [0, 1, 2, 3] for key in PICTURES}
+    panels = _picture(conditional, run.info.run_id, "figures/manifold", 3)  # the ten digits' panels, as the GIF's
+    with Image.open(figures / "manifold.gif") as gif:
+        gif.seek(gif.n_frames - 1)
+        assert np.array_equal(np.asarray(panels.convert("RGB")), np.asarray(gif.convert("RGB")))
     mlflow.set_tracking_uri(f"sqlite:///{conditional / 'mlflow.db'}")
     decoder = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     drawn = decoder.predict({"z": np.zeros((3, 2), dtype=np.float32), "label": np.array([0, 5, 9])})
@@ -459,6 +549,8 @@ def test_compare_groups_the_seeds_and_reports_what_mlflow_holds(sweep):
     [comparison] = [run for run in _runs(sweep) if run.data.tags.get("vaelab.kind") == "comparison"]
     logged = {Path(a.path).name for a in _client(sweep).list_artifacts(comparison.info.run_id, "compare")}
     assert logged == {p.name for p in folder.iterdir()}
+    steps, _ = _images(sweep, comparison.info.run_id)  # and its figures as images, shown on the run's page
+    assert steps == {f"compare/{p.stem}": [0] for p in folder.glob("*.png")}
     one = table["run"].iloc[0]  # filter by a tag: one DVC experiment
     assert "1 runs compared" in sweep.run("vaelab", "compare", "--no-log", "--tag", f"dvc.exp_name={one}")
     nothing = subprocess.run(["vaelab", "compare", "--tag", "dvc.exp_name=none-such"], cwd=sweep.root, env=sweep.env,

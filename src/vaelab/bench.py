@@ -251,7 +251,8 @@ def images_seconds(result, labels: torch.Tensor, test_x: torch.Tensor, epochs: l
 
     from vaelab import figures, store, tracking
 
-    snapshots, frames = result.snapshots, len(epochs)
+    snapshots, frames, folder = result.snapshots, len(epochs), folder / "images"
+    folder.mkdir()
     grids, means, decoded = (torch.stack((getattr(snapshots, name) * frames)[:frames]).numpy()
                              for name in ("manifolds", "latent_means", "reconstructions"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'images.db'}"
@@ -260,19 +261,16 @@ def images_seconds(result, labels: torch.Tensor, test_x: torch.Tensor, epochs: l
         run_id = client.create_run(store.get_or_create_experiment(client, "bench")).info.run_id
         tracking.write_run_id(folder / "run.json", run_id)
         start = time.perf_counter()
-        logged = tracking.image_steps(frames)
-        steps = [epochs[i] for i in logged]
         originals = (test_x[:metrics.RECONSTRUCTED_DIGITS].reshape(-1, 28, 28) * 255).round().to(torch.uint8).numpy()
-        images = {"manifold": figures.manifold_frames(grids[logged], steps),
-                  "latent_scatter": figures.latent_scatter_frames(means[logged], labels.numpy(), steps),
-                  "reconstructions": figures.reconstruction_frames(originals, decoded[logged], steps)}
-        tracking.add_to_run(folder / "run.json", "the images",
-                            images={key: list(zip(steps, drawn)) for key, drawn in images.items()})
+        images = figures.snapshot_pictures(epochs, grids, means, labels.numpy(), originals, decoded,
+                                           tracking.image_steps(frames))
+        tracking.add_to_run(folder / "run.json", "the images", images=images)
         seconds = time.perf_counter() - start
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
     size = sum(path.stat().st_size for path in (folder / store.ARTIFACT_DIR).rglob("*") if path.is_file())
-    return {"steps": len(steps), "seconds": round(seconds, 2), "megabytes": round(size / 1e6, 2)}
+    steps = len(images["figures/manifold"])
+    return {"steps": steps, "seconds": round(seconds, 2), "megabytes": round(size / 1e6, 2)}
 
 
 def _positive(text: str) -> int:

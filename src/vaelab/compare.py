@@ -23,6 +23,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from PIL import Image
 from scipy import stats
 
 from vaelab import access, store
@@ -368,6 +369,9 @@ def compare(experiment: str, tags: dict[str, str], out: Path,
         with store.store_lock(), mlflow.start_run(experiment_id=experiment_id, run_name="comparison",
                                                      tags={KIND_TAG: "comparison", **tags}):
             mlflow.log_artifacts(str(out), "compare")
+            for figure in sorted(out.glob("*.png")):  # as images too, so that they show on the run's page
+                with Image.open(figure) as image:
+                    mlflow.log_image(image.copy(), key=f"compare/{figure.stem}")
     return summary, diffs, left
 
 

@@ -249,6 +249,19 @@ def latent_scatter_frames(frames: np.ndarray, labels: np.ndarray, epochs: list[i
     return images
 
 
+def snapshot_pictures(epochs: list[int], manifolds: np.ndarray, means: np.ndarray, labels: np.ndarray,
+                      originals: np.ndarray, reconstructions: np.ndarray,
+                      shown: list[int]) -> dict[str, list[tuple[int, Image.Image]]]:
+    """The run's MLflow images: per key, (epoch, picture) at the snapshots `shown` (their indices), the manifold, the
+    latent scatter (on the last shown snapshot's axes) and the test digits over their reconstructions. The keys'
+    section, figures/, puts their cards first on the run page and in the chart view, before the learning curves."""
+    steps = [epochs[i] for i in shown]
+    pictures = {"figures/manifold": manifold_frames(manifolds[shown], steps),
+                "figures/latent_scatter": latent_scatter_frames(means[shown], labels, steps),
+                "figures/reconstructions": reconstruction_frames(originals, reconstructions[shown], steps)}
+    return {key: list(zip(steps, frames)) for key, frames in pictures.items()}
+
+
 def reconstruction_frames(originals: np.ndarray, decoded: np.ndarray, epochs: list[int]) -> list[Image.Image]:
     """The test digits (uint8 (n, 28, 28)) over their reconstructions at each snapshot (uint8 (F, n, 28, 28)), as
     `reconstructions` draws the final ones, each pixel shown RECONSTRUCTION_SCALE times over, titled with its

@@ -284,8 +284,10 @@ class TrainingRun:
         patience = patience_seconds() if patience is None else patience
         started = time.monotonic()
         self._closing.set()
-        if self._system is not None:
-            self._system.finish()  # its last points, before the run stops being RUNNING
+        # the machine's last points, sent beside the metrics: a locked store or a server away holds it, not the end
+        sampling = threading.Thread(target=self._system.finish, daemon=True) if self._system else None
+        if sampling is not None:
+            sampling.start()
         deadline, reported = started + patience, False
         while self._sender.is_alive() and (left := deadline - time.monotonic()) > 0:
             self._sender.join(timeout=min(left, 0.5))
@@ -305,6 +307,8 @@ class TrainingRun:
         if model is not None:
             patiently(lambda: log_model_once(self.client, self.run_id, *model), f"the model, the run's end ({status})",
                       self.run_id, patience, started)
+        if sampling is not None:  # before the run stops being RUNNING
+            sampling.join(timeout=max(0.0, deadline - time.monotonic()))
 
         def terminate():
             with store_lock():
@@ -315,8 +319,8 @@ class TrainingRun:
 
 def system_metrics(run_id: str) -> SystemMetricsMonitor | None:
     """MLflow's own sampler of the machine's CPU, memory, disk, network and GPU use (the run page's "System metrics"),
-    started for `run_id`: a point a second, a few hundred for a 200-epoch CPU run. None, said in one line, where
-    psutil (or for the GPU, nvidia-ml-py) is missing."""
+    started for `run_id`: a point a second, a few hundred for a 200-epoch CPU run, until the run ends or the tracker
+    stops answering. None, said in one line, where psutil (or for the GPU, nvidia-ml-py) is missing."""
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
     except ImportError as missing:
@@ -326,7 +330,8 @@ def system_metrics(run_id: str) -> SystemMetricsMonitor | None:
     if torch.cuda.is_available() and importlib.util.find_spec("pynvml") is None:
         print("note: this run records no GPU use: nvidia-ml-py is not installed (pip install nvidia-ml-py)",
               file=sys.stderr)
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not its "Started monitoring" lines
+    # quiet: a tracker that goes away ends the sampling (our sender says so in one line), not a logged traceback
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
     monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_SECONDS, resume_logging=True,
                                    tracking_uri=tracking_uri())
     monitor.start()
