@@ -133,7 +133,8 @@ def test_repro_logs_one_complete_mlflow_run(repro):
         assert np.abs(last - np.asarray(still, dtype=int)).max() <= 255 / (MANIFOLD_GIF_GREYS - 1) / 2
     # the machine's use while it trained, a point a second
     usage = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
-    assert len(usage) >= 5 and {"system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert sorted(point.step for point in usage) == list(range(len(usage))) and len(usage) >= 1
+    assert {"system/system_memory_usage_megabytes", "system/disk_usage_percentage"} <= set(run.data.metrics)
 
     mlflow.set_tracking_uri(f"sqlite:///{repro / 'mlflow.db'}")
     decoder = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
@@ -328,13 +329,18 @@ def test_the_mlflow_ui_shows_the_runs_and_the_manifold_gif_in_a_real_browser(rep
         for key in ("manifold", "latent_scatter", "reconstructions"):
             expect(cards.filter(has_text=re.compile(rf"^(figures/)?{key}"))).to_have_count(1)
         page.screenshot(path=str(shots / "5-chart-view.png"))
-        cards.filter(has_text=re.compile(r"^(figures/)?manifold")).locator(
-            "[data-component-id='fullscreen_button_chartcard']").click()
-        dialog = page.get_by_role("dialog")
-        for run_name in ("wide", "queued"):
-            expect(dialog.get_by_text(run_name, exact=True)).to_be_visible(timeout=30_000)
+        manifold = cards.filter(has_text=re.compile(r"^(figures/)?manifold"))
+        # each run's column is as wide as its settings' text: without it the pictures stand side by side
+        manifold.locator("[data-testid='experiment-view-compare-runs-card-menu']").click()
+        page.get_by_role("menuitem", name="Configure").click()
+        page.get_by_text("Show run parameters", exact=True).click()
+        page.get_by_role("button", name="Save changes").click()
+        manifold.locator("[data-component-id='fullscreen_button_chartcard']").click()
+        dialog = page.get_by_role("dialog", name="figures/manifold")
         pictures = dialog.locator("img.rc-image-img")
         expect(pictures).to_have_count(2, timeout=60_000)  # each run's manifold at the slider's step
+        for name in ("wide", "queued"):
+            expect(dialog.get_by_text(name, exact=True)).to_be_visible()
 
         def shown() -> list[tuple[str, str]]:
             """Each picture's run and step (MLflow names the file images/<key>+step+<step>+...) once it has loaded."""
@@ -348,10 +354,13 @@ def test_the_mlflow_ui_shows_the_runs_and_the_manifold_gif_in_a_real_browser(rep
         assert shown() == sorted((run, "0") for run in runs_shown)  # the untrained models, where the card opens
         slider = dialog.get_by_role("slider")
         slider.focus()
-        page.keyboard.press("End")  # the last epoch: the final manifolds
-        expect(slider).to_have_attribute("aria-valuenow", "3")
+        for _ in range(3):  # to the last epoch, mark by mark: the final manifolds
+            page.keyboard.press("ArrowRight")
         expect(pictures.first).to_have_attribute("src", re.compile(r"step%2B3%2B"))
         assert shown() == sorted((run, "3") for run in runs_shown)
+        boxes = [picture.bounding_box() for picture in pictures.all()]  # side by side, each whole in the window
+        assert boxes[0]["y"] == boxes[1]["y"] and boxes[0]["x"] + boxes[0]["width"] <= boxes[1]["x"]
+        assert all(box["x"] + box["width"] <= 1600 and box["y"] + box["height"] <= 900 for box in boxes)
         page.screenshot(path=str(shots / "6-manifolds-side-by-side.png"))
         page.keyboard.press("ArrowLeft")  # an earlier epoch: the earlier manifolds
         expect(pictures.first).to_have_attribute("src", re.compile(r"step%2B2%2B"))
@@ -572,3 +581,26 @@ def test_compare_names_a_run_trained_but_never_evaluated_and_leaves_it_out(sweep
     runs = pd.read_csv(folder / "runs.csv").set_index("run")
     assert runs.at["trained-only", "left_out"] == "not evaluated (no test metrics)"
     assert runs["left_out"].isna().sum() == 6
+
+
+def test_params_yaml_is_read_as_dvc_reads_it_through_the_stages_and_dvc_exp_run(sweep):
+    """YAML 1.2, as DVC: a rate written by hand as `3e-4` trains at 0.0003 and DVC records that number, where YAML
+    1.1 read a string; `conditional: yes` is the string 'yes' to both, refused in one line before any work."""
+    params = sweep / "params.yaml"
+    params.write_text(re.sub(r"(?m)^lr: .*$", "lr: 3e-4", params.read_text()))
+    sweep.run("dvc", "exp", "run", "train", "--name", "rate-by-hand")
+    sweep.run("dvc", "exp", "run", "train", "-S", "lr=5e-4", "--name", "rate-by-s")
+    runs = {run.data.tags.get("dvc.exp_name"): run for run in _runs(sweep)}
+    assert (runs["rate-by-hand"].data.params["lr"], runs["rate-by-s"].data.params["lr"]) == ("0.0003", "0.0005")
+    recorded = {row["Experiment"]: row["lr"] for row in pd.read_csv(
+        io.StringIO(sweep.run("dvc", "exp", "show", "--csv", "--only-changed"))).to_dict("records")}
+    assert (recorded["rate-by-hand"], recorded["rate-by-s"]) == (0.0003, 0.0005)
+
+    params.write_text(re.sub(r"(?m)^conditional: .*$", "conditional: yes", params.read_text()))
+    for command in (["python", "pipeline/train.py", "data/prepared", "models", "reports/history.csv"],
+                    ["dvc", "exp", "run", "-S", "conditional=yes"]):
+        result = subprocess.run(command, cwd=sweep.root, env={**sweep.env, "PYTHONPATH": "src"}, capture_output=True,
+                                text=True)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert "error: params.yaml: conditional: 'yes' is not allowed; expected true or false" in (
+            result.stdout + result.stderr)
