@@ -3,13 +3,15 @@
 usage: python pipeline/train.py DATA_DIR MODEL_DIR HISTORY_CSV
 
 An interrupted training (Ctrl-C, SIGTERM, kill -9) resumes from its checkpoint when run again with the
-same parameters, in the same MLflow run. Checkpoints live in .vaelab/checkpoints/, outside DVC's outputs.
+same parameters, code and data, in the same MLflow run. Checkpoints live in .vaelab/checkpoints/, outside DVC's
+outputs, each in a folder that one training holds at a time (`resume.claim`).
 A tracking server that goes away mid-run stops nothing: the metrics wait and go out when it is back; if it
 is still away when training ends, the outputs are written, the checkpoint is kept, and running the stage
 again sends what waits into the same run without training again.
 """
 import os
 import shutil
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -29,13 +31,26 @@ def main(argv):
     check_writable(model_dir, history_csv)
     device = resolve_device(params.device)
     access.check_access(write=True)
-    train_set, val_set, test_set = (data.load_split(data_dir, name) for name in data.SPLITS)
+    splits = [data.load_split(data_dir, name) for name in data.SPLITS]
+    key = resume.training_key(params.training_dict(), [Path(__file__)],
+                              [data_dir / f"{name}.pt" for name in data.SPLITS])
+    warn_if_cores_busy(device)
+    with resume.claim(project_root() / ".vaelab" / "checkpoints", key) as checkpoint_dir:
+        result, run_id = train_into_run(params, device, splits, data_dir, model_dir, history_csv, checkpoint_dir)
+        shutil.rmtree(checkpoint_dir)
+    last = result.history[-1]
+    resumed = f" (resumed from its checkpoint at epoch {result.resumed_at})" if result.resumed_at else ""
+    print(f"epoch {last['epoch']}{resumed}: val negative ELBO {last['val_neg_elbo']:.2f} nats/image; "
+          f"MLflow run {run_id}")
+
+
+def train_into_run(params, device, splits, data_dir, model_dir, history_csv, checkpoint_dir):
+    """Train (or continue the checkpoint in `checkpoint_dir`) in the MLflow run the checkpoint names, or a new one,
+    and write the stage's outputs; returns the result and the run's id."""
+    train_set, val_set, test_set = splits
     snapshot_set = data.Split(*(t[: training.SNAPSHOT_IMAGES] for t in (test_set.images, test_set.labels)))
-    checkpoint_dir = project_root() / ".vaelab" / "checkpoints" / params.digest()
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     run_id_file = checkpoint_dir / "run.json"
     resume_id = tracking.read_run_id(run_id_file) if resume.usable(checkpoint_dir / "state.pt") else None
-    warn_if_cores_busy(device)
 
     with tracking.training_run(params, resume_id) as run, tqdm(
         total=params.epochs, unit="epoch", desc=f"train on {device}"
@@ -79,11 +94,7 @@ def main(argv):
         except tracking.TrackerAway as away:  # the checkpoint stays, so that rerun trains nothing
             kept = checkpoint_dir.relative_to(project_root())
             raise tracking.TrackerAway(f"{away}; the checkpoint {kept} makes that rerun skip the training") from None
-    shutil.rmtree(checkpoint_dir)
-    last = result.history[-1]
-    resumed = f" (resumed from its checkpoint at epoch {result.resumed_at})" if result.resumed_at else ""
-    print(f"epoch {last['epoch']}{resumed}: val negative ELBO {last['val_neg_elbo']:.2f} nats/image; "
-          f"MLflow run {run.run_id}")
+    return result, run.run_id
 
 
 if __name__ == "__main__":

@@ -235,6 +235,60 @@ def test_a_torn_checkpoint_after_kill_9_is_named_and_the_stage_trains_afresh_in_
     assert steps == list(range(1, 7))
 
 
+def test_two_trainings_of_the_same_parameters_at_once_keep_their_own_checkpoint_and_run(tmp_path, small_data):
+    """Two queue workers on the same point of a grid queued twice (DVC_ROOT: the workspace both share): each holds a
+    checkpoint folder and an MLflow run of its own, neither removes the other's, and both end as one training."""
+    shared = tmp_path / "workspace"
+    shared.mkdir()
+    env = _env(DVC_ROOT=str(shared), VAELAB_CHECKPOINT_SECONDS="0")
+    roots = [_project(tmp_path / name, small_data, epochs=8) for name in ("first", "second")]
+    processes = [subprocess.Popen(TRAIN, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for root in roots]
+    try:
+        _wait_for(lambda: len(list(shared.glob(".vaelab/checkpoints/*/state.pt"))) == 2, "two checkpoints")
+        assert all(process.poll() is None for process in processes)  # both at once, each in its own folder
+    finally:
+        errors = [process.communicate(timeout=600)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], errors
+    client, runs = _runs(shared)
+    assert len({run.info.run_id for run in runs}) == 2 and {run.info.status for run in runs} == {"FINISHED"}
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "learning_curve/val_neg_elbo")]
+        assert sorted(steps) == list(range(1, 9))
+    first, second = (torch.load(root / "models" / "vae.pt", weights_only=True)["state_dict"] for root in roots)
+    assert all(torch.equal(first[name], second[name]) for name in first)  # the same training, twice
+    assert not list(shared.glob(".vaelab/checkpoints/*/state.pt"))
+
+
+def test_a_checkpoint_of_other_code_is_named_and_not_resumed(tmp_path, small_data):
+    """The code a training runs is part of what its checkpoint is for: after an edit to the library, a stopped
+    training starts afresh in a new run, one line says why, and the old checkpoint stays for that code."""
+    root = _project(tmp_path / "project", small_data, epochs=6)
+    for folder in ("pipeline", "src"):  # the stage as dvc.yaml runs it, on a copy of the library that can change
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    stage = [sys.executable, "pipeline/train.py", *TRAIN[2:]]
+    env = _env(PYTHONPATH=str(root / "src"), VAELAB_CHECKPOINT_SECONDS="0")
+    process = subprocess.Popen(stage, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: list(root.glob(".vaelab/checkpoints/*/state.pt")), "a checkpoint", process)
+    process.kill()
+    process.wait()
+    [old] = [path.parent for path in root.glob(".vaelab/checkpoints/*/state.pt")]
+    with open(root / "src" / "vaelab" / "training.py", "a") as code:
+        code.write("# an edit\n")
+
+    result = subprocess.run(stage, cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [line for line in result.stderr.splitlines() if "checkpoint" in line]
+    assert notes == [f"note: the checkpoint {old} of these parameters is not resumed: it was made by other code "
+                     "(src/vaelab/training.py differs); training starts afresh"]
+    assert "resumed" not in result.stdout
+    client, runs = _runs(root)
+    [finished] = [run for run in runs if run.info.status == "FINISHED"]
+    steps = [m.step for m in client.get_metric_history(finished.info.run_id, "learning_curve/val_neg_elbo")]
+    assert sorted(steps) == list(range(1, 7)) and len(runs) == 2
+    assert (old / "state.pt").exists()  # kept for the code that made it
+
+
 def _train(root: Path) -> None:
     result = subprocess.run(TRAIN, cwd=root, env=_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
