@@ -339,8 +339,8 @@ def test_the_mlflow_ui_shows_the_runs_and_the_manifold_gif_in_a_real_browser(rep
         dialog = page.get_by_role("dialog", name="figures/manifold")
         pictures = dialog.locator("img.rc-image-img")
         expect(pictures).to_have_count(2, timeout=60_000)  # each run's manifold at the slider's step
-        for name in ("wide", "queued"):
-            expect(dialog.get_by_text(name, exact=True)).to_be_visible()
+        expect(dialog).to_contain_text("wide")
+        expect(dialog).to_contain_text("queued")
 
         def shown() -> list[tuple[str, str]]:
             """Each picture's run and step (MLflow names the file images/<key>+step+<step>+...) once it has loaded."""
