@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from vaelab import gpu_check
 from vaelab.bench import (MATMUL_KERNELS, decoder_products, evaluation_floor_seconds, main, matmul_floor_seconds,
                           step_products, training_gflop_per_epoch)
 from vaelab.data import SPLIT_SETTINGS, load_mnist, save_split_settings
@@ -36,9 +37,13 @@ def test_bad_arguments_exit_2_naming_the_problem_and_write_nothing(tmp_path, cap
     ("unpacked", "could not be read (shape '[60000, 28, 28]' is invalid for input of size 23519992); delete that "
                  "folder (a download cache) and run again"),
 ])
-def test_a_damaged_input_is_one_line_naming_it_and_its_cure(tmp_path, monkeypatch, capsys, mnist_dir, damage, problem):
-    """The splits the prepare stage wrote, or torchvision's unpacked copies of MNIST that it splits again."""
+@pytest.mark.parametrize("tool", [main, gpu_check.main], ids=["bench", "gpu-check"])
+def test_a_damaged_input_is_one_line_naming_it_and_its_cure(tmp_path, monkeypatch, capsys, mnist_dir, damage, problem,
+                                                           tool):
+    """The splits the prepare stage wrote, or torchvision's unpacked copies of MNIST that it splits again, for
+    `make bench` and `make gpu-check` (which asks for a GPU first, then reads the data before it touches it)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: tool is gpu_check.main)
     if damage == "prepared":
         prepared = tmp_path / "data" / "prepared"
         prepared.mkdir(parents=True)
@@ -49,7 +54,7 @@ def test_a_damaged_input_is_one_line_naming_it_and_its_cure(tmp_path, monkeypatc
         unpacked = tmp_path / "data" / "raw" / "MNIST" / "raw" / "train-images-idx3-ubyte"
         unpacked.write_bytes(unpacked.read_bytes()[:23519992 + 16])
     with pytest.raises(SystemExit) as exit_:
-        main(["--out", str(tmp_path / "bench.json")])
+        tool(["--out", str(tmp_path / "bench.json")])
     [line] = capsys.readouterr().err.splitlines()
     assert exit_.value.code == 2 and line.startswith("error: ") and line.endswith(problem)
     assert not (tmp_path / "bench.json").exists()
@@ -73,3 +78,24 @@ def test_the_bounds_floor_counts_the_decoders_products():
     assert counter.get_total_flops() == 2 * sum(m * k * n for m, k, n in decoder_products(3, 50))
     one, two = (evaluation_floor_seconds(latent_dim=2, images=images, samples=1, repeats=1) for images in (4096, 8192))
     assert set(one) == set(two) == {*MATMUL_KERNELS, "fastest per product"} and all(v > 0 for v in one.values())
+
+
+def test_the_images_are_timed_in_a_store_of_their_own_whatever_mlflows_default(mnist, tmp_path, monkeypatch):
+    """The benchmark's train stage runs set MLflow's default store first; the images go to their own all the same."""
+    import mlflow
+
+    from vaelab import training
+    from vaelab.bench import images_seconds
+    from vaelab.config import Params
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    pixels = mnist["test"].images[:400].reshape(-1, 784).float() / 255
+    result = training.train(Params(epochs=2, batch_size=100, device="cpu"), pixels[:300], pixels[300:], pixels[:200])
+    (tmp_path / "scratch").mkdir()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'other.db'}")
+    try:
+        timed = images_seconds(result, mnist["test"].labels[:200], pixels, [0, 1, 2], tmp_path / "scratch")
+    finally:
+        mlflow.set_tracking_uri(None)  # unset again, as the other tests expect
+    assert timed["steps"] == 3 and timed["seconds"] > 0 and 0 < timed["megabytes"] < 1
+    assert not (tmp_path / "other.db").exists()  # MLflow's default store untouched

@@ -6,6 +6,8 @@ import math
 import statistics
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+from matplotlib.colors import to_rgb
 import numpy as np
 import pandas as pd
 import pytest
@@ -228,15 +230,20 @@ def test_curves_average_each_groups_seeds_step_by_step():
 def test_the_report_writes_its_tables_and_figures_without_mlflow(tmp_path):
     frame = _runs(({}, [150.0, 151.0, 149.0]), ({"latent_dim": "8"}, [110.0, 112.0, 111.0]),
                   ({"optimizer": "rmsprop"}, [149.0, 152.0]), ({"latent_dim": "16", "optimizer": "rmsprop"}, [100.0]))
-    points = pd.DataFrame([(run_id, step, 400.0 / step) for run_id in frame["run_id"] for step in (1, 2, 3)],
-                          columns=["run_id", "step", "value"])
+    points = pd.DataFrame([(run_id, step, 400.0 / step + 40 * i) for i, run_id in enumerate(frame["run_id"])
+                           for step in (1, 2, 3)], columns=["run_id", "step", "value"])
     summary, diffs, left = compare.write_report(frame, points, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"runs.csv", "runs.md", "groups.csv", "groups.md", "differences.md",
                                                     "differences.csv", "metrics_vs_latent_dim.png",
                                                     "learning_curves.png"}
-    for png in ("metrics_vs_latent_dim.png", "learning_curves.png"):
-        data = (tmp_path / png).read_bytes()
-        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+    metrics = [m for m in compare.FINAL_METRICS if f"{m}_mean" in summary]
+    with Image.open(tmp_path / "metrics_vs_latent_dim.png") as image:  # a panel per metric, three to a row, 80 dpi
+        assert image.size == (14 * 80, round((4 * -(-len(metrics) // 3) + 0.5) * 80))
+    with Image.open(tmp_path / "learning_curves.png") as image:  # a curve per group, each in its own colour
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+        for colour in plt.rcParams["axes.prop_cycle"].by_key()["color"][:len(summary)]:
+            rgb = np.round(np.array(to_rgb(colour)) * 255)
+            assert (pixels == rgb).all(axis=1).sum() > 50, colour
     assert len(pd.read_csv(tmp_path / "runs.csv")) == 9
     groups = pd.read_csv(tmp_path / "groups.csv")
     assert list(groups["n"]) == [3, 2, 3, 1] and {"test_neg_elbo_ci95_low", "test_mse_per_pixel_std"} <= set(groups)

@@ -245,10 +245,6 @@ def render_seconds(result, labels: torch.Tensor, test_x: torch.Tensor, frames: i
 def images_seconds(result, labels: torch.Tensor, test_x: torch.Tensor, epochs: list[int], folder: Path) -> dict:
     """The render stage's MLflow images (`tracking.add_to_run`) of a default run's snapshots, into a SQLite store of
     their own: the seconds to draw and log them, and the megabytes they add to the run's artifacts."""
-    import os
-
-    from mlflow.tracking import MlflowClient
-
     from vaelab import figures, store, tracking
 
     snapshots, frames, folder = result.snapshots, len(epochs), folder / "images"
@@ -257,7 +253,7 @@ def images_seconds(result, labels: torch.Tensor, test_x: torch.Tensor, epochs: l
                              for name in ("manifolds", "latent_means", "reconstructions"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'images.db'}"
     try:
-        client = MlflowClient()
+        client = store.open_client()  # this store, whatever the process's MLflow default is by now
         run_id = client.create_run(store.get_or_create_experiment(client, "bench")).info.run_id
         tracking.write_run_id(folder / "run.json", run_id)
         start = time.perf_counter()
