@@ -10,7 +10,7 @@ import json
 
 from tqdm import tqdm
 
-from vaelab import access, config, data, metrics, tracking
+from vaelab import access, config, data, handoff, metrics
 from vaelab.model import resolve_device
 from vaelab.saved_model import load_vae
 from vaelab.stages import atomic_file, check_writable, paths, run_stage, warn_if_cores_busy, write_rows
@@ -22,7 +22,7 @@ def main(argv):
         argv, "DATA_DIR", "MODEL_DIR", "METRICS_JSON", "PER_DIGIT_CSV", "PER_DIMENSION_CSV", "EVALUATION_MD")
     check_writable(metrics_json, per_digit_csv, per_dimension_csv, evaluation_md)
     device = resolve_device(params.device)
-    tracking.read_run_id(model_dir / "run.json", required=True)  # a damaged one stops the stage before any output
+    handoff.read_run_id(model_dir / "run.json", required=True)  # a damaged one stops the stage before any output
     model = load_vae(model_dir / "vae.pt", params.conditional, params.architecture).to(device)
     train, test = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
     access.check_access(write=True, patient=True)  # the run exists: a server away may be restarting
@@ -48,7 +48,7 @@ def main(argv):
                 "test_latent_classifier_accuracy", "test_mse_per_pixel"):
         if key in results:
             print(f"{key}: {results[key]:.4f}")
-    tracking.add_to_run(model_dir / "run.json", "the test metrics and evaluation.md",
+    handoff.add_to_run(model_dir / "run.json", "the test metrics and evaluation.md",
                         metrics=results, artifacts={evaluation_md: None},
                         tags={"iwae_samples": str(params.iwae_samples)})  # the K of test/iwae_nll
 

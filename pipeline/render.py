@@ -7,7 +7,7 @@ usage: python pipeline/render.py DATA_DIR MODEL_DIR HISTORY_CSV FIGURES_DIR
 """
 import torch
 
-from vaelab import access, data, figures, metrics, tracking
+from vaelab import access, data, figures, handoff, metrics
 from vaelab.config import load
 from vaelab.manifold import manifold_images
 from vaelab.model import DIGITS
@@ -20,7 +20,7 @@ def main(argv):
     params = load()
     data_dir, model_dir, history_csv, figures_dir = paths(argv, "DATA_DIR", "MODEL_DIR", "HISTORY_CSV", "FIGURES_DIR")
     check_writable(figures_dir)
-    tracking.read_run_id(model_dir / "run.json", required=True)  # a damaged one stops the stage before any output
+    handoff.read_run_id(model_dir / "run.json", required=True)  # a damaged one stops the stage before any output
     model = load_vae(model_dir / "vae.pt", params.conditional, params.architecture)
     snapshots = read_snapshots(model_dir / "snapshots.pt")
     history = read_history(history_csv)
@@ -51,10 +51,10 @@ def main(argv):
         figures.latent_scatter_animation(means[trained], labels, epochs[trained], out / "latent_scatter.gif")
         figures.learning_curves(history, out / "learning_curves.png")
     images = figures.snapshot_pictures(epochs, manifolds, means, labels, test.images[shown].numpy(),
-                                       snapshots["reconstructions"].numpy(), tracking.image_steps(len(epochs)))
+                                       snapshots["reconstructions"].numpy(), handoff.image_steps(len(epochs)))
     print(f"{len(list(figures_dir.iterdir()))} figures ({len(epochs) - 1} animation frames) -> {figures_dir}; "
           f"{len(images['figures/manifold'])} epochs of {', '.join(images)} -> MLflow images")
-    tracking.add_to_run(model_dir / "run.json", "the figures", artifacts={figures_dir: "figures"}, images=images)
+    handoff.add_to_run(model_dir / "run.json", "the figures", artifacts={figures_dir: "figures"}, images=images)
 
 
 if __name__ == "__main__":

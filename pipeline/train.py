@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vaelab import access, config, data, resume, tracking, training
+from vaelab import access, config, data, handoff, resume, tracking, training
 from vaelab.model import resolve_device
 from vaelab.saved_model import save_vae
 from vaelab.stages import (StageError, atomic_file, check_writable, paths, project_root, run_stage,
@@ -50,12 +50,12 @@ def train_into_run(params, device, splits, data_dir, model_dir, history_csv, che
     train_set, val_set, test_set = splits
     snapshot_set = data.Split(*(t[: training.SNAPSHOT_IMAGES] for t in (test_set.images, test_set.labels)))
     run_id_file = checkpoint_dir / "run.json"
-    resume_id = tracking.read_run_id(run_id_file) if resume.usable(checkpoint_dir / "state.pt") else None
+    resume_id = handoff.read_run_id(run_id_file) if resume.usable(checkpoint_dir / "state.pt") else None
 
     with tracking.training_run(params, resume_id) as run, tqdm(
         total=params.epochs, unit="epoch", desc=f"train on {device}"
     ) as bar:
-        tracking.write_run_id(run_id_file, run.run_id)
+        handoff.write_run_id(run_id_file, run.run_id)
         run.log_training_data(data_dir, {"train": "training", "val": "validation"})
 
         def on_epoch(row):
@@ -88,7 +88,7 @@ def train_into_run(params, device, splits, data_dir, model_dir, history_csv, che
         with atomic_file(model_dir / "vae.pt") as path:
             save_vae(result.model, path)
         with atomic_file(model_dir / "run.json") as path:
-            tracking.write_run_id(path, run.run_id)
+            handoff.write_run_id(path, run.run_id)
         try:
             run.end("FINISHED", model=(model_dir / "vae.pt", result.model.config))
         except tracking.TrackerAway as away:  # the checkpoint stays, so that rerun trains nothing

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vaelab import data, tracking
+from vaelab import data, handoff
 from vaelab.saved_model import load_vae
 from vaelab.stages import read_history, read_snapshots
 
@@ -92,7 +92,7 @@ READERS = {  # each stage input the stages read, and how
     "data/prepared/train.pt": lambda path: data.load_split(path.parent, "train"),
     "models/vae.pt": load_vae,
     "models/snapshots.pt": read_snapshots,
-    "models/run.json": lambda path: tracking.read_run_id(path, required=True),
+    "models/run.json": lambda path: handoff.read_run_id(path, required=True),
     "reports/history.csv": read_history,
 }
 

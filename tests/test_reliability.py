@@ -16,7 +16,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from vaelab import data, stages, tracking
+from vaelab import data, handoff, stages, tracking
 from vaelab.config import Params
 from projects import free_port, http_service
 
@@ -474,10 +474,10 @@ def test_evaluate_and_render_wait_for_a_server_away_and_then_name_what_waits(tmp
     url = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.setenv("VAELAB_TRACKING_PATIENCE_SECONDS", "2")
-    tracking.write_run_id(tmp_path / "run.json", "0123abcd")
+    handoff.write_run_id(tmp_path / "run.json", "0123abcd")
     (tmp_path / "evaluation.md").write_text("# evaluation\n")
     with pytest.raises(tracking.TrackerAway) as away:
-        tracking.add_to_run(tmp_path / "run.json", "the test metrics and evaluation.md", metrics={"test_neg_elbo": 1.0},
+        handoff.add_to_run(tmp_path / "run.json", "the test metrics and evaluation.md", metrics={"test_neg_elbo": 1.0},
                             artifacts={tmp_path / "evaluation.md": None})
     message = str(away.value)
     assert "\n" not in message and message.startswith(f"the MLflow tracking server {url} did not answer for 2 s")

@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from vaelab import tracking
+from vaelab import handoff, tracking
 from vaelab.config import Params
 
 
@@ -21,19 +21,19 @@ def store(tmp_path, monkeypatch):
 @pytest.mark.parametrize("snapshots, at_most, expected", [
     (3, 60, [0, 1, 2]), (59, 60, list(range(59))), (65, 5, [0, 16, 32, 48, 64]), (7, 4, [0, 2, 4, 6])])
 def test_a_run_logs_every_snapshot_or_an_even_spread_from_the_first_to_the_last(snapshots, at_most, expected):
-    assert tracking.image_steps(snapshots, at_most) == expected
+    assert handoff.image_steps(snapshots, at_most) == expected
 
 
 def test_images_are_sent_once_per_key_and_step_however_often_the_stage_runs(store, tmp_path):
     with tracking.training_run(Params(epochs=1)) as run:
-        tracking.write_run_id(tmp_path / "run.json", run.run_id)
+        handoff.write_run_id(tmp_path / "run.json", run.run_id)
     images = {"figures/manifold": [(1, Image.new("L", (8, 8), 0)), (5, Image.new("L", (8, 8), 255))],
               "latent/scatter": [(5, Image.fromarray(np.eye(8, dtype=np.uint8) * 255))]}
     for _ in range(2):  # render run again (dvc repro --force render), or a retry after a server came back
-        tracking.add_to_run(tmp_path / "run.json", "the figures", images=images)
+        handoff.add_to_run(tmp_path / "run.json", "the figures", images=images)
     files = [item.path for item in store.list_artifacts(run.run_id, "images")]
     assert len(files) == 2 * 3  # each image and MLflow's compressed copy of it, once
-    assert tracking._logged_images(store, run.run_id) == {
+    assert handoff._logged_images(store, run.run_id) == {
         ("figures/manifold", 1), ("figures/manifold", 5), ("latent/scatter", 5)}
     assert store.get_run(run.run_id).data.tags["mlflow.loggedImages"] == "True"  # the chart view looks for it
     [five] = [path for path in files if path.startswith("images/figures~manifold+step+5+") and path.endswith(".png")]

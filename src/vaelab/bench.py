@@ -243,9 +243,9 @@ def render_seconds(result, labels: torch.Tensor, test_x: torch.Tensor, frames: i
 
 
 def images_seconds(result, labels: torch.Tensor, test_x: torch.Tensor, epochs: list[int], folder: Path) -> dict:
-    """The render stage's MLflow images (`tracking.add_to_run`) of a default run's snapshots, into a SQLite store of
+    """The render stage's MLflow images (`handoff.add_to_run`) of a default run's snapshots, into a SQLite store of
     their own: the seconds to draw and log them, and the megabytes they add to the run's artifacts."""
-    from vaelab import figures, store, tracking
+    from vaelab import figures, handoff, store
 
     snapshots, frames, folder = result.snapshots, len(epochs), folder / "images"
     folder.mkdir()
@@ -255,12 +255,12 @@ def images_seconds(result, labels: torch.Tensor, test_x: torch.Tensor, epochs: l
     try:
         client = store.open_client()  # this store, whatever the process's MLflow default is by now
         run_id = client.create_run(store.get_or_create_experiment(client, "bench")).info.run_id
-        tracking.write_run_id(folder / "run.json", run_id)
+        handoff.write_run_id(folder / "run.json", run_id)
         start = time.perf_counter()
         originals = (test_x[:metrics.RECONSTRUCTED_DIGITS].reshape(-1, 28, 28) * 255).round().to(torch.uint8).numpy()
         images = figures.snapshot_pictures(epochs, grids, means, labels.numpy(), originals, decoded,
-                                           tracking.image_steps(frames))
-        tracking.add_to_run(folder / "run.json", "the images", images=images)
+                                           handoff.image_steps(frames))
+        handoff.add_to_run(folder / "run.json", "the images", images=images)
         seconds = time.perf_counter() - start
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
