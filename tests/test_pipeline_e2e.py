@@ -42,7 +42,7 @@ def _runs(project: Project):
 
 
 PICTURES = ("figures/manifold", "figures/latent_scatter", "figures/reconstructions")
-IMAGE_BYTES_PER_STEP = 170_000  # docs/development.md: what each snapshot's pictures add to the store, at most
+IMAGE_BYTES_PER_STEP = 170_000  # docs/speed.md: what a step's three pictures may add to the store (10 MB / 60)
 
 
 def _images(project: Project, run_id: str) -> tuple[dict[str, list[int]], int]:
