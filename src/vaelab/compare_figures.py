@@ -107,7 +107,7 @@ def manifold_panels(panels: list[tuple[str, str, str]], path: Path) -> list[int]
                 ax.text(0.5, 0.5, f"no {Path(artifact_path).name}\nin MLflow:\nnever rendered", ha="center",
                         va="center", transform=ax.transAxes, color="0.3")
             else:
-                ax.imshow(Image.open(image))
+                ax.imshow(Image.open(image).convert("RGB"))  # a greyscale manifold in grey, not a colour map
             ax.set_title(title, fontsize=9)
     for ax in axes.flat:
         ax.axis("off")
