@@ -3,8 +3,8 @@
 usage: python pipeline/train.py DATA_DIR MODEL_DIR HISTORY_CSV
 
 An interrupted training (Ctrl-C, SIGTERM, kill -9) resumes from its checkpoint when run again with the
-same parameters, code and data, in the same MLflow run. Checkpoints live in .vaelab/checkpoints/, outside DVC's
-outputs, each in a folder that one training holds at a time (`resume.claim`).
+same parameters, code and data, in the same MLflow run. Checkpoints live in .vaelab/checkpoints/ (or
+$VAELAB_CHECKPOINTS), outside DVC's outputs, each in a folder that one training holds at a time (`resume.claim`).
 A tracking server that goes away mid-run stops nothing: the metrics wait and go out when it is back; if it
 is still away when training ends, the outputs are written, the checkpoint is kept, and running the stage
 again sends what waits into the same run without training again.
@@ -35,7 +35,7 @@ def main(argv):
     key = resume.training_key(params.training_dict(), [Path(__file__)],
                               [data_dir / f"{name}.pt" for name in data.SPLITS])
     warn_if_cores_busy(device)
-    with resume.claim(project_root() / ".vaelab" / "checkpoints", key) as checkpoint_dir:
+    with resume.claim(resume.checkpoints_dir(project_root()), key) as checkpoint_dir:
         result, run_id = train_into_run(params, device, splits, data_dir, model_dir, history_csv, checkpoint_dir)
         shutil.rmtree(checkpoint_dir)
     last = result.history[-1]
@@ -92,7 +92,8 @@ def train_into_run(params, device, splits, data_dir, model_dir, history_csv, che
         try:
             run.end("FINISHED", model=(model_dir / "vae.pt", result.model.config))
         except tracking.TrackerAway as away:  # the checkpoint stays, so that rerun trains nothing
-            kept = checkpoint_dir.relative_to(project_root())
+            root = project_root()
+            kept = checkpoint_dir.relative_to(root) if checkpoint_dir.is_relative_to(root) else checkpoint_dir
             raise tracking.TrackerAway(f"{away}; the checkpoint {kept} makes that rerun skip the training") from None
     return result, run.run_id
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -87,6 +88,12 @@ def restore(path: Path, model, optimizer, shuffle, history, snapshots) -> int:
 
 
 KEY_FILE, LOCK_FILE = "key.json", "lock"
+CHECKPOINTS_ENV = "VAELAB_CHECKPOINTS"  # a folder every node sees: a requeued cluster task resumes on any node
+
+
+def checkpoints_dir(root: Path) -> Path:
+    """Where trainings keep their checkpoint folders: $VAELAB_CHECKPOINTS, else the project's .vaelab/checkpoints."""
+    return Path(os.environ.get(CHECKPOINTS_ENV) or root / ".vaelab" / "checkpoints")
 
 
 def training_key(params: dict, scripts: list[Path], data_files: list[Path]) -> dict:

@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 
 PARAMS_TAG, HOST_TAG, PID_TAG = "vaelab.params_digest", "vaelab.host", "vaelab.pid"
 THREADS_TAG = "vaelab.torch_threads"  # CPU threads of the run (OMP_NUM_THREADS): speed and float rounding
+# a run made by a Slurm job array task (`vaelab slurm`): its job, task, node and how often Slurm requeued it
+SLURM_JOB_TAG, SLURM_TASK_TAG = "vaelab.slurm.job", "vaelab.slurm.task"
+SLURM_NODE_TAG, SLURM_RESTARTS_TAG = "vaelab.slurm.node", "vaelab.slurm.restarts"
 SYSTEM_METRICS_SECONDS = 1.0  # how often the machine's use is recorded
 
 
@@ -82,9 +85,9 @@ def _git(*args: str) -> str | None:
 
 
 def run_tags(params: Params) -> dict[str, str]:
-    """The git commit, who runs it with how many CPU threads, and a name that says what was trained: under
-    `dvc exp run` the DVC experiment's name (with its baseline), under `dvc repro` the branch and short
-    commit, e.g. `main@1a2b3c4`."""
+    """The git commit, who runs it with how many CPU threads (and in which Slurm array task), and a name that says
+    what was trained: under `dvc exp run` the DVC experiment's name (with its baseline), under `dvc repro` the
+    branch and short commit, e.g. `main@1a2b3c4`."""
     tags = {PARAMS_TAG: params.digest(), HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
             THREADS_TAG: str(torch.get_num_threads())}
     if commit := _git("rev-parse", "HEAD"):
@@ -96,6 +99,10 @@ def run_tags(params: Params) -> dict[str, str]:
         tags["mlflow.runName"] = name
     if baseline := os.environ.get("DVC_EXP_BASELINE_REV"):
         tags["dvc.exp_baseline_rev"] = baseline
+    if job := os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"):
+        tags |= {SLURM_JOB_TAG: job, SLURM_TASK_TAG: os.environ.get("SLURM_ARRAY_TASK_ID", ""),
+                 SLURM_NODE_TAG: os.environ.get("SLURMD_NODENAME", ""),
+                 SLURM_RESTARTS_TAG: os.environ.get("SLURM_RESTART_COUNT", "0")}
     return tags
 
 
