@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export VAELAB_MNIST_MIRROR ?= $(abspath $(wildcard ../shared/mnist))
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test bench gpu-check gpu-literature ui clean-venv
+.PHONY: setup repro test bench bench-slurm gpu-check gpu-literature ui clean-venv
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ clean-venv:
 
 bench: setup  ## the training epoch against a plain PyTorch loop; writes reports/bench.json
 	python -m vaelab.bench
+
+bench-slurm: setup  ## `vaelab slurm`'s overhead on a real one-machine Slurm (root, slurm-wlm, munge): a 200-epoch point
+	python tests/slurm_bench.py
 
 gpu-check:  ## on a GPU machine, PyTorch alone needed: the CUDA tests, the seed's 1000 epochs and the evaluation timed; reports/gpu.json
 	PYTHONPATH=src python3 -m vaelab.gpu_check

@@ -120,6 +120,8 @@ def test_the_grid_arrives_as_four_experiments_and_mlflow_runs_of_the_submitted_c
         params = experiments[name]["params"]["params.yaml"]["data"]
         assert {key: params[key] for key in point} == point and params["epochs"] == EPOCHS
         assert experiments[name]["metrics"]["reports/metrics.json"]["data"]["test_neg_elbo"] > 0
+        weights = experiments[name]["outs"]["models"]["hash"].removesuffix(".dir")  # in the workspace's DVC cache
+        assert (project / ".dvc/cache/files/md5" / weights[:2] / f"{weights[2:]}.dir").exists()
 
     assert "3 arrived, 0 pending or running, 1 failed or lost" in grid["status_before"]
     [cancelled] = [line.split() for line in grid["status_before"].splitlines() if f" {grid['job']}_3 " in line]
@@ -127,6 +129,18 @@ def test_the_grid_arrives_as_four_experiments_and_mlflow_runs_of_the_submitted_c
     assert f"vaelab slurm resubmit {grid['job']}" in grid["status_before"]
     assert "4 arrived, 0 pending or running, 0 failed or lost" in grid["status_after"]
     assert max(map(len, grid["status_after"].splitlines())) <= 110
+
+
+def test_timings_split_each_task_into_queue_clone_stages_dvc_and_push(cluster, grid):
+    slurm, project, url = cluster
+    out = project.run("vaelab", "slurm", "timings", grid["job"])
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if re.match(r"\d+_\d ", line)}
+    assert set(rows) == {f"{grid['job']}_{task}" for task in range(3)} | {f"{grid['second']}_0"}
+    for row in rows.values():
+        wait, clone, prepare, train, evaluate, render, dvc, push, overhead = map(float, row[2:11])
+        assert min(wait, clone, dvc, push) >= 0 and train > 0 and evaluate > 0 and render > 0
+        assert overhead == pytest.approx(clone + dvc + push, abs=0.15)
+    assert "the first epoch ended" in out and max(map(len, out.splitlines())) <= 120
 
 
 def test_a_requeued_task_resumes_and_ends_as_a_local_dvc_exp_run_of_its_point_does(cluster, grid):
@@ -149,6 +163,29 @@ def test_a_requeued_task_resumes_and_ends_as_a_local_dvc_exp_run_of_its_point_do
     finally:
         project.run("git", "checkout", "-q", "-f", "main")
     assert metrics[f"slurm-{grid['job']}-0"] == metrics["local-twin"]
+
+
+def test_nodes_that_cannot_reach_the_workspace_clone_from_and_push_to_its_git_and_dvc_remotes(cluster, tmp_path,
+                                                                                              mnist_dir):
+    slurm, project, url = cluster
+    remote = new_project(tmp_path / "ws", project.env, epochs=2)
+    remote.run("git", "init", "-q", "--bare", str(tmp_path / "origin.git"))
+    remote.run("git", "remote", "add", "origin", str(tmp_path / "origin.git"))
+    assert "push it first (git push origin)" in _refused(remote, "--remote", "origin")
+    remote.run("dvc", "remote", "add", "-d", "storage", str(tmp_path / "dvc-storage"))
+    remote.run("git", "commit", "-qam", "a DVC remote")
+    remote.run("git", "push", "-q", "origin", "main")
+    out = remote.run("vaelab", "slurm", "submit", "-S", "latent_dim=5", "--remote", "origin")
+    job = re.search(r"Submitted Slurm job (\d+)", out).group(1)
+    assert "dvc exp pull origin" in out
+    _wait(lambda: not _queued(slurm, job), "the remote grid's end", 600, slurm)
+    assert f"slurm-{job}-0" not in remote.run("dvc", "exp", "list", "--name-only")  # it went to the remotes
+    remote.run("dvc", "exp", "pull", "origin", f"slurm-{job}-0")
+    remote.run("dvc", "exp", "apply", f"slurm-{job}-0")
+    assert json.loads((remote / "reports/metrics.json").read_text())["test_neg_elbo"] > 0
+    assert (remote / "models/vae.pt").stat().st_size > 0  # the outputs came from the DVC remote
+    [run] = _runs(url, job)
+    assert run.data.params["latent_dim"] == "5" and run.info.status == "FINISHED"
 
 
 def _refused(project, *args: str, env: dict | None = None) -> str:

@@ -142,7 +142,7 @@ def job_script(grid: Grid, tasks: list[int], root: Path, max_running: int | None
         use_cache = f"dvc cache dir --local {q(cache)}"
         run, push = "dvc exp run", "dvc exp push --no-cache"
     else:  # the DVC remote holds them
-        use_cache, run, push = ":", "dvc exp run --pull --allow-missing", "dvc exp push"
+        use_cache, run, push = ":", "dvc exp run --pull", "dvc exp push"  # a stage it cannot pull, it runs
     return f"""#!/bin/bash
 #SBATCH --job-name=vaelab
 {chr(10).join(f'#SBATCH {option}' for option in grid.sbatch)}
@@ -159,8 +159,9 @@ case "$SLURM_ARRAY_TASK_ID" in
 esac
 name={EXPERIMENT_PREFIX}-$SLURM_ARRAY_JOB_ID-$SLURM_ARRAY_TASK_ID
 export PATH={q(str(Path(sys.executable).parent))}:$PATH
-export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}} VAELAB_CHECKPOINTS={q(grid.checkpoints)}
-stamp() {{ echo "vaelab: $(date +%s.%N) $name on $SLURMD_NODENAME, restart ${{SLURM_RESTART_COUNT:-0}}: $*"; }}
+export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}} VAELAB_CHECKPOINTS={q(grid.checkpoints)} PYTHONUNBUFFERED=1
+clock() {{ t=$EPOCHREALTIME; printf '%(%F %T)T.%s ' "${{t%.*}}" "${{t#*.}}"; }}  # each line's time (slurm_timings)
+stamp() {{ clock; echo "vaelab: $name on $SLURMD_NODENAME, restart ${{SLURM_RESTART_COUNT:-0}}: $*"; }}
 clone=${{VAELAB_SCRATCH:-${{TMPDIR:-/tmp}}}}/vaelab-$name
 stamp start "$@"
 rm -rf "$clone"
@@ -168,9 +169,10 @@ trap 'rm -rf "$clone"' EXIT
 git clone --quiet --no-checkout {q(grid.source)} "$clone"
 cd "$clone"
 git -c advice.detachedHead=false checkout --quiet {grid.commit}
+dvc config --local core.hardlink_lock true  # DVC's lock works on a network file system too
 {use_cache}
 stamp cloned
-{run} --name "$name" "$@"
+{run} --name "$name" "$@" 2>&1 | (trap '' TERM; while IFS= read -r line; do clock; echo "$line"; done)
 stamp ran
 {push} {q(grid.source)} "$name"
 stamp pushed
@@ -228,13 +230,13 @@ def submit(args: argparse.Namespace, root: Path) -> None:
     tasks = list(range(len(points)))
     if args.dry_run:
         print(job_script(grid, tasks, root, args.max_running))
-        print(f"# {len(points)} experiments of commit {commit[:7]}, for `sbatch --parsable"
+        print(f"# {len(points)} experiment{'s' * (len(points) != 1)} of commit {commit[:7]}, for `sbatch --parsable"
               f"{''.join(' ' + shlex.quote(arg) for arg in grid.extra)}` (dry run: nothing submitted):")
         for task, point in enumerate(points):
             print(f"#   task {task}: {' '.join(point) or '(params.yaml as committed)'}")
         return
     job = _submit(grid, tasks, root, args.max_running)
-    print(f"Submitted Slurm job {job}: {len(points)} experiments of commit {commit[:7]}"
+    print(f"Submitted Slurm job {job}: {len(points)} experiment{'s' * (len(points) != 1)} of commit {commit[:7]}"
           f"{f', at most {args.max_running} at once' if args.max_running else ''}.")
     print(f"  follow them:  vaelab slurm status {job}   (logs: {GRIDS}/logs/{job}_<task>.log)")
     print(f"  when they end: dvc exp show{'' if grid.shared else ' (after dvc exp pull ' + args.remote + ')'}; "
@@ -273,7 +275,7 @@ def _experiments(grid: Grid) -> set[str]:
     return {line.rsplit("/", 1)[1] for line in refs.splitlines()}
 
 
-def _mlflow_runs(grid: Grid) -> dict[str, tuple[str, str]]:
+def mlflow_runs(grid: Grid) -> dict[str, tuple[str, str]]:
     """'<job>_<task>' -> (MLflow run id, status), from the runs tagged with the grid's jobs."""
     client = store.open_client()
     experiment = client.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", store.EXPERIMENT_NAME))
@@ -289,7 +291,7 @@ def point_table(grid: Grid) -> list[dict[str, str]]:
     """Each point with its latest task: Slurm state and node, DVC experiment, MLflow run."""
     states, arrived = _task_states([entry["job"] for entry in grid.jobs]), _experiments(grid)
     try:
-        runs = _mlflow_runs(grid)
+        runs = mlflow_runs(grid)
     except Exception as error:  # the table still tells Slurm's side
         print(f"note: MLflow runs not shown: {store.short_reason(error)}", file=sys.stderr)
         runs = {}
@@ -310,7 +312,7 @@ def status(args: argparse.Namespace, root: Path) -> list[dict[str, str]]:
     grid = load_grid(root, args.job)
     rows = point_table(grid)
     width = max(len(row["point"]) for row in rows)
-    print(f"grid of job {grid.id}: {len(rows)} points of commit {grid.commit[:7]}; jobs "
+    print(f"grid of job {grid.id}: {len(rows)} point{'s' * (len(rows) != 1)} of commit {grid.commit[:7]}; jobs "
           f"{', '.join(entry['job'] for entry in grid.jobs)}")
     print(f"{'point':<{width}}  {'task':<10} {'state':<11} {'node':<8} {'experiment':<18} MLflow run")
     for row in rows:
@@ -353,6 +355,7 @@ def main(argv: list[str]) -> None:
     sub.add_argument("--dry-run", action="store_true", help="print the job script and the points; submit nothing")
     sub.add_argument("sbatch_args", nargs="*", metavar="-- SBATCH_ARGS", help="anything else, passed to sbatch")
     for name, text in (("status", "each point's Slurm state, experiment and MLflow run"),
+                       ("timings", "where each finished task's time went: queue, clone, stages, DVC, push"),
                        ("resubmit", "submit again the points that failed or never ran, at the grid's commit")):
         command = commands.add_parser(name, help=text)
         command.add_argument("job", nargs="?", help="any Slurm job id of the grid (default: the latest grid)")
@@ -363,4 +366,8 @@ def main(argv: list[str]) -> None:
         if (value := getattr(args, name, None)) is not None and value < 1:
             raise StageError(f"--{name.replace('_', '-')}: {value} is not allowed; expected a positive integer")
     root = Path(_git(Path.cwd(), "rev-parse", "--show-toplevel"))
-    {"submit": submit, "status": status, "resubmit": resubmit}[args.command](args, root)
+    if args.command == "timings":
+        from vaelab.slurm_timings import timings as command
+    else:
+        command = {"submit": submit, "status": status, "resubmit": resubmit}[args.command]
+    command(args, root)

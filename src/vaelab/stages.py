@@ -33,17 +33,32 @@ def interrupt_on_signal(signum, frame):
 
 
 def run_stage(main: Callable[[list[str]], None]) -> None:
-    """Run a stage's `main(argv)`. A known error prints one clear line and exits 2, with no traceback;
-    Ctrl-C and SIGTERM unwind cleanly (the MLflow run is marked KILLED) and exit 130."""
+    """Run a stage's `main(argv)` and say how long it took. A known error prints one clear line and exits 2, with
+    no traceback; Ctrl-C and SIGTERM unwind cleanly (the MLflow run is marked KILLED) and exit 130."""
     signal.signal(signal.SIGTERM, interrupt_on_signal)
     try:
         main(sys.argv[1:])
+        print(f"{Path(sys.argv[0]).stem}: done in {process_seconds():.1f} s", file=sys.stderr)
     except (ParamsError, DataError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt as interrupt:
         print(f"interrupted ({interrupt or 'Ctrl-C'}); run the stage again to resume", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def process_seconds() -> float:
+    """How long this process has run, Python's and PyTorch's start-up included (Linux's /proc; elsewhere from the
+    import of this module): `vaelab slurm timings` tells a stage's time from DVC's own with it."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
+
+
+_IMPORTED = time.monotonic()
 
 
 def busy_cores(seconds: float = 0.5) -> float | None:
