@@ -209,12 +209,17 @@ def load_grid(root: Path, job: str | None) -> Grid:
                      f"({GRIDS}/ has none); submit one with `vaelab slurm submit -S ...`")
 
 
+def require_slurm() -> None:
+    if not shutil.which("sbatch"):
+        raise StageError("sbatch not found: `vaelab slurm` runs on a Slurm cluster's login node; on one machine, "
+                         "queue the grid with `dvc exp run --queue -S ...` and `dvc queue start`")
+
+
 def submit(args: argparse.Namespace, root: Path) -> None:
     points = sweep_points(args.set_param)
     check_points(points, root / "params.yaml")
-    if not args.dry_run and not shutil.which("sbatch"):
-        raise StageError("sbatch not found: `vaelab slurm` runs on a Slurm cluster's login node; on one machine, "
-                         "queue the grid with `dvc exp run --queue -S ...` and `dvc queue start`")
+    if not args.dry_run:
+        require_slurm()
     commit = check_committed(root)
     check_store()
     if not args.dry_run:
@@ -309,6 +314,7 @@ def point_table(grid: Grid) -> list[dict[str, str]]:
 
 
 def status(args: argparse.Namespace, root: Path) -> list[dict[str, str]]:
+    require_slurm()
     grid = load_grid(root, args.job)
     rows = point_table(grid)
     width = max(len(row["point"]) for row in rows)
@@ -327,6 +333,7 @@ def status(args: argparse.Namespace, root: Path) -> list[dict[str, str]]:
 
 
 def resubmit(args: argparse.Namespace, root: Path) -> None:
+    require_slurm()
     grid = load_grid(root, args.job)
     rows = point_table(grid)
     again = [row["index"] for row in rows if not row["experiment"] and row["state"] not in ACTIVE]
