@@ -604,3 +604,21 @@ def test_params_yaml_is_read_as_dvc_reads_it_through_the_stages_and_dvc_exp_run(
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
         assert "error: params.yaml: conditional: 'yes' is not allowed; expected true or false" in (
             result.stdout + result.stderr)
+
+
+def test_the_same_point_queued_twice_trains_twice_at_once_each_with_its_checkpoint_and_run(sweep):
+    """The same point queued twice (a grid queued before and after a fix, say) on two workers at once: each training
+    holds a checkpoint of its own and logs to an MLflow run of its own, and both end as one training would."""
+    sweep.run("git", "checkout", "params.yaml")
+    for name in ("twin-a", "twin-b"):
+        sweep.run("dvc", "exp", "run", "--queue", "-S", "latent_dim=7", "-S", "epochs=3", "--name", name)
+    workers = dict(sweep.env, OMP_NUM_THREADS="1", VAELAB_CHECKPOINT_SECONDS="0")  # a checkpoint every epoch
+    Project(sweep.root, workers).run("dvc", "queue", "start", "-j", "2")
+    assert "Failed" not in sweep.wait_for_queue()
+    runs = {run.data.tags.get("dvc.exp_name"): run.info for run in _runs(sweep) if run.data.params["latent_dim"] == "7"}
+    assert sorted(runs) == ["twin-a", "twin-b"] and {run.status for run in runs.values()} == {"FINISHED"}
+    a, b = runs.values()
+    assert a.start_time < b.end_time and b.start_time < a.end_time  # they trained at the same time
+    shown = pd.read_csv(io.StringIO(sweep.run("dvc", "exp", "show", "--csv"))).set_index("Experiment")
+    assert shown.at["twin-a", "test_neg_elbo"] == shown.at["twin-b", "test_neg_elbo"]
+    assert not list((sweep / ".vaelab" / "checkpoints").glob("*/state.pt"))  # each removed its own, and only its own

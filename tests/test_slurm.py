@@ -221,5 +221,10 @@ def test_each_refusal_is_one_line_and_submits_nothing(cluster, tmp_path):
     finally:
         project.run("git", "checkout", "params.yaml")
 
+    dry = project.run("vaelab", "slurm", "submit", "-S", "seed=5,6", "--gpus-per-task", "1", "--dry-run", "--",
+                      "--mem=1G")
+    assert "#SBATCH --array=0-1\n" in dry and "#SBATCH --gpus-per-task=1\n" in dry and "--requeue" in dry
+    assert "  1) set -- -S seed=6 ;;" in dry and "#   task 1: seed=6" in dry and "sbatch --parsable --mem=1G" in dry
+
     assert slurm.run("scontrol", "show", "job", check=False) == jobs_before
     assert sorted((project / ".vaelab" / "slurm").glob("*.json")) == records
