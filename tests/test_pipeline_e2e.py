@@ -615,7 +615,7 @@ def test_the_same_point_queued_twice_trains_twice_at_once_each_with_its_checkpoi
     workers = dict(sweep.env, OMP_NUM_THREADS="1", VAELAB_CHECKPOINT_SECONDS="0")  # a checkpoint every epoch
     Project(sweep.root, workers).run("dvc", "queue", "start", "-j", "2")
     assert "Failed" not in sweep.wait_for_queue()
-    runs = {run.data.tags.get("dvc.exp_name"): run.info for run in _runs(sweep) if run.data.params["latent_dim"] == "7"}
+    runs = {run.data.tags.get("dvc.exp_name"): run.info for run in _runs(sweep) if run.data.params.get("latent_dim") == "7"}
     assert sorted(runs) == ["twin-a", "twin-b"] and {run.status for run in runs.values()} == {"FINISHED"}
     a, b = runs.values()
     assert a.start_time < b.end_time and b.start_time < a.end_time  # they trained at the same time

@@ -107,8 +107,8 @@ def check_store() -> None:
     """Refuse a tracking store that tasks on several nodes cannot write at once."""
     uri = store.tracking_uri()
     if not uri.startswith(SHAREABLE_STORES):
-        raise StageError(f"the MLflow tracking store {store.redacted(uri)} is a file on this machine: tasks on several "
-                         "nodes cannot write it at once (SQLite over a network file system corrupts); set "
+        raise StageError(f"the MLflow tracking store {store.redacted(uri)} is on this machine's disk: tasks on several "
+                         "nodes cannot write it at once (SQLite's locks fail over a network file system); set "
                          "MLFLOW_TRACKING_URI to the team's tracking server (docs/team.md)")
 
 
