@@ -180,6 +180,7 @@ def test_nodes_that_cannot_reach_the_workspace_clone_from_and_push_to_its_git_an
     assert "dvc exp pull origin" in out
     _wait(lambda: not _queued(slurm, job), "the remote grid's end", 600, slurm)
     assert f"slurm-{job}-0" not in remote.run("dvc", "exp", "list", "--name-only")  # it went to the remotes
+    assert "1 arrived, 0 pending or running, 0 failed or lost" in remote.run("vaelab", "slurm", "status")  # found there
     remote.run("dvc", "exp", "pull", "origin", f"slurm-{job}-0")
     remote.run("dvc", "exp", "apply", f"slurm-{job}-0")
     assert json.loads((remote / "reports/metrics.json").read_text())["test_neg_elbo"] > 0
