@@ -313,7 +313,12 @@ def point_table(grid: Grid) -> list[dict[str, str]]:
     return rows
 
 
-def status(args: argparse.Namespace, root: Path) -> list[dict[str, str]]:
+def _lost(row: dict) -> bool:
+    """A point whose task has ended without its experiment arriving: failed, cancelled, or forgotten by Slurm."""
+    return not row["experiment"] and row["state"] not in ACTIVE
+
+
+def status(args: argparse.Namespace, root: Path) -> None:
     require_slurm()
     grid = load_grid(root, args.job)
     rows = point_table(grid)
@@ -324,19 +329,16 @@ def status(args: argparse.Namespace, root: Path) -> list[dict[str, str]]:
     for row in rows:
         print(f"{row['point']:<{width}}  {row['task']:<10} {row['state']:<11} {row['node']:<8} "
               f"{row['experiment'] or '-':<18} {row['run'] or '-'}")
-    done = sum(bool(row["experiment"]) for row in rows)
-    waiting = [row for row in rows if not row["experiment"] and row["state"] in ACTIVE]
-    failed = len(rows) - done - len(waiting)
-    print(f"{done} arrived, {len(waiting)} pending or running, {failed} failed or lost"
+    done, failed = sum(bool(row["experiment"]) for row in rows), sum(map(_lost, rows))
+    print(f"{done} arrived, {len(rows) - done - failed} pending or running, {failed} failed or lost"
           + (f": `vaelab slurm resubmit {grid.id}` runs those again at {grid.commit[:7]}" if failed else ""))
-    return rows
 
 
 def resubmit(args: argparse.Namespace, root: Path) -> None:
     require_slurm()
     grid = load_grid(root, args.job)
     rows = point_table(grid)
-    again = [row["index"] for row in rows if not row["experiment"] and row["state"] not in ACTIVE]
+    again = [row["index"] for row in rows if _lost(row)]
     if not again:
         print(f"nothing to resubmit: every point of grid {grid.id} has arrived or is pending or running")
         return
@@ -349,16 +351,16 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="vaelab slurm", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     sub = commands.add_parser("submit", help="submit a grid of experiments as one job array")
-    sub.add_argument("-S", "--set-param", action="append", default=[], metavar="[FILE:]PARAM=VALUES",
+    sub.add_argument("-S", "--set-param", action="append", default=[], metavar="PARAM=VALUES",
                      help="as `dvc exp run --queue -S`: e.g. -S 'latent_dim=2,8' -S 'seed=range(0,3)'")
-    sub.add_argument("--partition")
-    sub.add_argument("--time", help="each task's time limit, as sbatch takes it (e.g. 2:00:00)")
-    sub.add_argument("--cpus-per-task", type=int, default=1, help="also each training's threads (default 1)")
-    sub.add_argument("--gpus-per-task", type=int)
-    sub.add_argument("--max-running", type=int, help="how many tasks at once (sbatch --array=...%%N)")
-    sub.add_argument("--remote", help="the git remote the nodes clone from and push to, when they cannot "
+    sub.add_argument("--partition", metavar="NAME")
+    sub.add_argument("--time", metavar="LIMIT", help="each task's time limit, as sbatch takes it (e.g. 2:00:00)")
+    sub.add_argument("--cpus-per-task", type=int, default=1, metavar="N", help="also each training's threads (default 1)")
+    sub.add_argument("--gpus-per-task", type=int, metavar="N")
+    sub.add_argument("--max-running", type=int, metavar="N", help="how many tasks at once (sbatch --array=...%%N)")
+    sub.add_argument("--remote", metavar="GIT_REMOTE", help="the git remote the nodes clone from and push to, when they cannot "
                      "reach this workspace (outputs go to the default DVC remote)")
-    sub.add_argument("--checkpoints", help="a folder every node sees (default: .vaelab/checkpoints here)")
+    sub.add_argument("--checkpoints", metavar="DIR", help="a folder every node sees (default: .vaelab/checkpoints here)")
     sub.add_argument("--dry-run", action="store_true", help="print the job script and the points; submit nothing")
     sub.add_argument("sbatch_args", nargs="*", metavar="-- SBATCH_ARGS", help="anything else, passed to sbatch")
     for name, text in (("status", "each point's Slurm state, experiment and MLflow run"),
@@ -367,7 +369,7 @@ def main(argv: list[str]) -> None:
         command = commands.add_parser(name, help=text)
         command.add_argument("job", nargs="?", help="any Slurm job id of the grid (default: the latest grid)")
         if name == "resubmit":
-            command.add_argument("--max-running", type=int)
+            command.add_argument("--max-running", type=int, metavar="N")
     args = parser.parse_args(argv)
     for name in ("cpus_per_task", "gpus_per_task", "max_running"):
         if (value := getattr(args, name, None)) is not None and value < 1:
